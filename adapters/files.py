@@ -91,12 +91,11 @@ class JsonlFileSource:
             if not raw:
                 self._eof = True
                 break
-            if not raw.endswith(b"\n"):
-                if self.follow:
-                    # A writer is mid-line: keep the fragment and finish it on a later read.
-                    self._partial += raw
-                    self._eof = True
-                    break
+            if not raw.endswith(b"\n") and self.follow:
+                # A writer is mid-line: keep the fragment and finish it on a later read.
+                self._partial += raw
+                self._eof = True
+                break
             raw = self._partial + raw
             self._partial = b""
             self._line += 1

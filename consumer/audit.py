@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import IO, Any, Final
+from typing import Any, BinaryIO, Final
 
 import orjson
 import structlog
@@ -112,9 +112,9 @@ def configure(
     level: str = "INFO",
     log_format: str = "json",
     secrets: Iterable[str] = (),
-    stream: IO[bytes] | None = None,
+    stream: BinaryIO | None = None,
 ) -> Redactor:
-    """Set up structlog for the process: JSON lines (or console text) on stdout, redacted; return the redactor."""
+    """Set up structlog: JSON lines (or console text) on stdout, redacted; return the redactor."""
     redactor = Redactor(secrets)
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,

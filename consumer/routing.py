@@ -163,7 +163,7 @@ def scope_map_from_dict(data: Any) -> ScopeMap:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where a change goes. ``fallback`` is True when the chosen identifier was missing and the id was used."""
+    """Where a change goes; ``fallback`` is True when the chosen identifier was missing (id used)."""
 
     family: str
     action: Action

@@ -21,7 +21,9 @@ class Clock:
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-async def store_and_clock(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[StateStore, Clock]]:
+async def store_and_clock(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[StateStore, Clock]]:
     clock = Clock()
     store: StateStore
     if request.param == "memory":
@@ -64,8 +66,9 @@ async def test_delivered_keys_and_watermarks(store_and_clock: tuple[StateStore, 
     store, clock = store_and_clock
     dedupe = Deduplicator(store, ttl_seconds=60)
     await dedupe.record_delivered(["product:p1:ResourceUpdated:3"], {"product:p1": version_rank(3, False)})
-    verdicts = await dedupe.judge_many([(updated(3), False), (updated(2), False), (updated(4), False),
-                                        (updated(1, "p2"), False)])
+    verdicts = await dedupe.judge_many(
+        [(updated(3), False), (updated(2), False), (updated(4), False), (updated(1, "p2"), False)]
+    )
     assert [j.verdict for j in verdicts] == [Verdict.DUPLICATE, Verdict.STALE, Verdict.NEW, Verdict.NEW]
     # Watermarks only move up.
     await dedupe.record_delivered([], {"product:p1": version_rank(2, False)})

@@ -40,7 +40,9 @@ async def test_dead_letters_round_trip_through_the_file_source(tmp_path: Path) -
     lines = (tmp_path / "dlq" / "dead.jsonl").read_bytes().splitlines()
     records = [orjson.loads(line) for line in lines]
     assert records[0]["reason"] == "not valid JSON" and records[0]["payload"] == "{oops"
-    assert records[0]["source_fields"] == {"offset": 5} and records[0]["time"].startswith("2026-01-02T03:04:05")
+    assert records[0]["source_fields"] == {"offset": 5} and records[0]["time"].startswith(
+        "2026-01-02T03:04:05"
+    )
     assert records[1]["payload_encoding"] == "base64"
     replayed = await read_all(JsonlFileSource(tmp_path / "dlq" / "dead.jsonl"))
     assert [body for body, _ in replayed] == [b"{oops", b"\xff\xfe"]
@@ -53,7 +55,7 @@ async def test_follow_reads_appended_lines(tmp_path: Path) -> None:
     first = await source.fetch(10)
     assert [e.body for e in first.envelopes] == [b'{"a":1}'] and not first.exhausted
     with path.open("ab") as f:
-        f.write(b'2}\n')
+        f.write(b"2}\n")
     bodies: list[bytes] = []
     for _ in range(50):
         fetched = await source.fetch(10)

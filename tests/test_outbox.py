@@ -15,7 +15,9 @@ CREATED, UPDATED, DELETED = (
 ACTION = {CREATED: Action.CREATED, UPDATED: Action.UPDATED, DELETED: Action.DELETED}
 
 
-def add(box: Outbox[str], kind: NotificationType, version: int, external_id: str = "p1", now: float = 0.0) -> bool:
+def add(
+    box: Outbox[str], kind: NotificationType, version: int, external_id: str = "p1", now: float = 0.0
+) -> bool:
     event = change(kind, version, external_id)
     return box.add(Route("product", ACTION[kind], external_id), event, f"{external_id}@{version}", now)
 
@@ -93,7 +95,9 @@ def test_pending_keys_and_drain() -> None:
 
 
 def test_should_send_policy() -> None:
-    base = dict(ready=3, oldest_age=0.0, backlogged=False, intake_blocked=False, flushing=False, pace_seconds=0.2)
+    base = dict(
+        ready=3, oldest_age=0.0, backlogged=False, intake_blocked=False, flushing=False, pace_seconds=0.2
+    )
     assert should_send(**base) is True  # light load: at once
     assert should_send(**{**base, "ready": 0}) is False
     assert should_send(**{**base, "backlogged": True}) is False  # a backlog is being read: merge more

@@ -16,10 +16,18 @@ from consumer.routing import (
 M = NotificationType.MESSAGE
 
 
-def event(resource_type: str = "product", kind: NotificationType = M, message_type: str | None = None,
-          **kw: object) -> ChangeEvent:
-    return ChangeEvent(kind=kind, resource_type=resource_type, resource_id="rid-1", version=3,
-                       message_type=message_type, message_id="mid" if kind is M else None, **kw)  # type: ignore[arg-type]
+def event(
+    resource_type: str = "product", kind: NotificationType = M, message_type: str | None = None, **kw: object
+) -> ChangeEvent:
+    return ChangeEvent(
+        kind=kind,
+        resource_type=resource_type,
+        resource_id="rid-1",
+        version=3,
+        message_type=message_type,
+        message_id="mid" if kind is M else None,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -88,7 +96,9 @@ def test_ignored_reasons() -> None:
     assert isinstance(beta, Ignored) and "beta Event" in beta.reason
     echo = router.route(event(message_type="ProductPublished", created_by_client_id="ipaas-client"))
     assert isinstance(echo, Ignored) and "echo" in echo.reason
-    assert isinstance(router.route(event(message_type="ProductPublished", created_by_client_id="other")), Route)
+    assert isinstance(
+        router.route(event(message_type="ProductPublished", created_by_client_id="other")), Route
+    )
     unrouted = router.route(event("payment", NotificationType.RESOURCE_UPDATED))
     assert unrouted == Ignored("unrouted resource type 'payment'")
 
@@ -96,7 +106,10 @@ def test_ignored_reasons() -> None:
 def test_debug_scope() -> None:
     route = Router().route(event(kind=NotificationType.RESOURCE_DELETED))
     assert isinstance(route, Route)
-    assert route.notification(debug=True).as_json() == {"scope": "product/deleted/debug", "external_id": "rid-1"}
+    assert route.notification(debug=True).as_json() == {
+        "scope": "product/deleted/debug",
+        "external_id": "rid-1",
+    }
 
 
 def test_scope_map_overrides(tmp_path: Path) -> None:

@@ -1,0 +1,165 @@
+"""Wiring: build a Pipeline and its adapters from Settings. The one place that knows every adapter.
+
+Adapters are imported lazily so the core stays free of broker and HTTP libraries until a command runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from consumer import audit
+from consumer.config import Settings
+from consumer.dedupe import Deduplicator
+from consumer.pipeline import Pipeline, PipelineOptions
+from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleStore
+from consumer.routing import Router, ScopeMap, load_scope_map
+from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
+
+
+class UnsupportedSetting(ValueError):
+    """A valid setting this build cannot serve yet; the message names the variable."""
+
+
+def throttle_limits(settings: Settings) -> ThrottleLimits:
+    return ThrottleLimits(
+        limit=settings.ipaas_throttle_limit,
+        window_seconds=float(settings.ipaas_throttle_seconds),
+        connections=settings.ipaas_concurrent_connections,
+        batch_executions=settings.ipaas_concurrent_batch_executions,
+    )
+
+
+def router(settings: Settings) -> Router:
+    scope_map = load_scope_map(settings.ipaas_scope_map) if settings.ipaas_scope_map else ScopeMap()
+    return Router(scope_map, settings.ignore_client_ids)
+
+
+async def state_store(settings: Settings) -> StateStore:
+    state = settings.state
+    if state.kind == "memory":
+        from adapters.state_memory import MemoryStateStore
+
+        return MemoryStateStore()
+    if state.kind == "sqlite":
+        from adapters.state_sqlite import SqliteStateStore
+
+        assert state.path is not None
+        store = SqliteStateStore(state.path)
+        await store.open()
+        return store
+    raise UnsupportedSetting(f"CTSYNC_STATE_URL: {state.kind} state is not supported by this build yet")
+
+
+def throttle_store(settings: Settings) -> ThrottleStore:
+    return LocalThrottleStore(throttle_limits(settings))
+
+
+def dead_letter_sink(settings: Settings) -> DeadLetterSink:
+    target = settings.dead_letter
+    if target.kind == "file":
+        from adapters.files import FileDeadLetterSink
+
+        assert target.path is not None
+        return FileDeadLetterSink(target.path)
+    raise UnsupportedSetting(
+        f"CTSYNC_DEAD_LETTER_URL: {target.kind} dead letters are not supported by this build yet"
+    )
+
+
+def sink(settings: Settings) -> Sink:
+    if settings.ipaas_hook_url is None:
+        from adapters.ipaas import DryRunSink
+
+        log = audit.get_logger("ctsync.dry_run")
+        return DryRunSink(lambda **fields: log.info("dry_run.would_send", **fields))
+    from adapters.ipaas import HttpHookSink
+
+    key = settings.ipaas_webhook_api_key
+    return HttpHookSink(
+        settings.ipaas_hook_url,
+        key.get_secret_value() if key is not None else "",
+        max_connections=settings.ipaas_concurrent_connections,
+    )
+
+
+def file_source(path: str | Path, *, follow: bool = False) -> Source:
+    from adapters.files import JsonlFileSource
+
+    source = JsonlFileSource(path, follow=follow)
+    source.open()
+    return source
+
+
+def configured_source(settings: Settings, *, follow: bool = False) -> Source:
+    spec = settings.source
+    if spec is None:
+        raise UnsupportedSetting("CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)")
+    if spec.kind == "file":
+        assert spec.path is not None
+        return file_source(spec.path, follow=follow)
+    raise UnsupportedSetting(f"CTSYNC_SOURCE: the {spec.kind} source is not supported by this build yet")
+
+
+@dataclass
+class App:
+    pipeline: Pipeline
+    resources: AsyncExitStack
+
+    async def aclose(self) -> None:
+        await self.resources.aclose()
+
+
+async def build(settings: Settings, source: Source, *, finite: bool) -> App:
+    """Build the pipeline for ``source``; ``finite`` runs (replay) give up on a hook that refuses the key."""
+    resources = AsyncExitStack()
+    try:
+        resources.push_async_callback(source.close)
+        limits = throttle_limits(settings)
+        throttle_port = throttle_store(settings)
+        resources.push_async_callback(throttle_port.close)
+        store = await state_store(settings)
+        resources.push_async_callback(store.close)
+        letters = dead_letter_sink(settings)
+        resources.push_async_callback(letters.close)
+        hook = sink(settings)
+        resources.push_async_callback(hook.close)
+        pipeline = Pipeline(
+            source=source,
+            router=router(settings),
+            deduplicator=Deduplicator(store, settings.ctsync_dedupe_ttl_seconds),
+            throttle=Throttle(throttle_port, limits),
+            sink=hook,
+            dead_letters=letters,
+            options=PipelineOptions(
+                batch_size=settings.ipaas_batch_size,
+                max_in_flight=settings.ctsync_max_in_flight,
+                debug=settings.ipaas_debug,
+                drain_timeout=settings.ctsync_drain_timeout_seconds,
+                stop_on_unusable_sink=finite,
+            ),
+        )
+    except BaseException:
+        await resources.aclose()
+        raise
+    return App(pipeline, resources)
+
+
+def summary_lines(counts: dict[str, Any]) -> list[str]:
+    """Return a person-readable summary of a run's counts."""
+    statuses = ", ".join(f"{status}: {n}" for status, n in sorted(counts["requests_by_status"].items()))
+    return [
+        f"received {counts['received']} payloads",
+        f"  notified    {counts['notifications_sent']} notifications in {counts['requests']} requests"
+        + (f" ({statuses})" if statuses else ""),
+        f"  coalesced   {counts['coalesced']}",
+        f"  duplicates  {counts['duplicate']}",
+        f"  stale       {counts['stale']}",
+        f"  ignored     {counts['ignored']}",
+        f"  invalid     {counts['invalid']}",
+        f"  dead-letter {counts['dead_lettered']}",
+        f"  retries     {counts['retries']}",
+        f"  acked {counts['acked']}, handed back {counts['handed_back']}",
+    ]

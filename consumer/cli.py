@@ -1,0 +1,146 @@
+"""The ``ctsync`` command line. Exit codes: 0 success (a clean stop included), 1 runtime failure, 2 bad
+configuration or usage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from consumer import app, audit
+from consumer.config import ConfigError, Settings, load_settings, unknown_variables
+from consumer.pipeline import SinkUnusable
+from consumer.ports import Source
+from consumer.routing import ScopeMapError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+ENV_FILE = click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read settings from this .env file too (the process environment wins).",
+)
+
+
+def _config_failure(problems: list[str]) -> NoReturn:
+    click.echo("ctsync: configuration error:", err=True)
+    for problem in problems:
+        click.echo(f"  {problem}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def _settings(env_file: Path | None, command: str) -> Settings:
+    if env_file is not None and not env_file.is_file():
+        _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
+    try:
+        settings = load_settings(env_file, for_command=command)
+    except ConfigError as exc:
+        _config_failure(exc.problems)
+    audit.configure(
+        level=settings.ctsync_log_level,
+        log_format=settings.ctsync_log_format,
+        secrets=settings.secret_values(),
+    )
+    for name in unknown_variables(os.environ):
+        audit.get_logger().warning(audit.CONFIG_WARNING, variable=name, reason="not a ctsync setting (typo?)")
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctsync")
+def main() -> None:
+    """Keep iPaaS.com in step with commercetools: Subscription deliveries in, hook notifications out."""
+
+
+@main.command()
+@ENV_FILE
+@click.option("--follow", is_flag=True, help="With a file: source, keep reading lines appended later.")
+def run(env_file: Path | None, follow: bool) -> None:
+    """Run the service: consume, deliver, ack, until SIGTERM/SIGINT; then drain and stop."""
+    settings = _settings(env_file, "run")
+    try:
+        source = app.configured_source(settings, follow=follow)
+    except (app.UnsupportedSetting, OSError) as exc:
+        _config_failure([_describe(exc, "CTSYNC_SOURCE")])
+    finite = settings.source is not None and settings.source.kind == "file" and not follow
+    sys.exit(asyncio.run(_serve(settings, source, command="run", finite=finite)))
+
+
+@main.command()
+@ENV_FILE
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def replay(env_file: Path | None, file: Path) -> None:
+    """Push a JSONL file of payloads (or of dead letters) through the pipeline and print a summary."""
+    settings = _settings(env_file, "replay")
+    source = app.file_source(file)
+    sys.exit(asyncio.run(_serve(settings, source, command="replay", finite=True)))
+
+
+def _describe(exc: BaseException, variable: str) -> str:
+    if isinstance(exc, OSError):
+        return f"{variable}: cannot open {exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+async def _serve(settings: Settings, source: Source, *, command: str, finite: bool) -> int:
+    log = audit.get_logger()
+    try:
+        built = await app.build(settings, source, finite=finite)
+    except (app.UnsupportedSetting, ScopeMapError) as exc:
+        problems = getattr(exc, "problems", None)
+        if problems:
+            _config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in problems])
+        _config_failure([str(exc)])
+    except OSError as exc:
+        log.error(audit.SERVICE_STOPPED, command=command, error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            stop.set()
+        else:
+            # A second signal: stop waiting for the drain; what is in flight is handed back.
+            built.pipeline.abandon()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    started = time.monotonic()
+    log.info(audit.SERVICE_STARTED, command=command, source=source.name, **settings.summary())
+    code = EXIT_OK
+    error: str | None = None
+    try:
+        await built.pipeline.run(stop)
+    except SinkUnusable as exc:
+        code, error = EXIT_FAILURE, str(exc)
+    except Exception as exc:
+        code, error = EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await built.aclose()
+    counts_dict = built.pipeline.counts.as_dict()
+    fields: dict[str, Any] = {
+        "command": command,
+        "duration_s": round(time.monotonic() - started, 3),
+        "signal": signal.Signals(signals_seen[0]).name if signals_seen else None,
+        **counts_dict,
+    }
+    if error is not None:
+        log.error(audit.SERVICE_STOPPED, error=error, **fields)
+        click.echo(f"ctsync: {error}", err=True)
+    else:
+        log.info(audit.SERVICE_STOPPED, **fields)
+    if command == "replay" or finite:
+        for line in app.summary_lines(counts_dict):
+            click.echo(line, err=True)
+    return code

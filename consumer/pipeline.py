@@ -1,0 +1,599 @@
+"""The life of a message: source -> parse -> filter -> dedupe -> route -> outbox -> sink -> ack / dead-letter.
+
+``Pipeline.run`` owns three kinds of task in one TaskGroup: the intake (reads the source, settles what needs
+no notification, fills the outbox), the dispatcher (decides when a batch leaves) and one delivery task per
+batch (throttle, request, retry, split, then settle). Shutdown order is decided in ``run`` alone: stop
+intake -> flush the outbox -> wait for deliveries up to the drain deadline -> hand back the rest.
+
+Nothing is acked before its notification was accepted or it was dead-lettered with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from consumer import audit
+from consumer.dedupe import Deduplicator, Verdict
+from consumer.messages import ChangeEvent, InvalidMessage, parse
+from consumer.outbox import Outbox, PendingNotification, should_send
+from consumer.ports import DeadLetter, DeadLetterSink, Envelope, HookResponse, Sink, Source
+from consumer.routing import Action, Ignored, Router
+from consumer.throttle import Throttle
+
+_T = TypeVar("_T")
+Entry = PendingNotification[Envelope]
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECTED = "rejected"
+    UNUSABLE = "unusable"
+
+
+SUCCESS_STATUSES = frozenset({200, 202, 204})
+
+
+def classify(status: int | None) -> Outcome:
+    """Classify a hook answer. None means no answer arrived (timeout, connection error)."""
+    if status in SUCCESS_STATUSES:
+        return Outcome.DELIVERED
+    if status in (400, 413, 422):
+        # 413 too: a smaller batch may pass, and a single notification that is still too large is poison.
+        return Outcome.REJECTED
+    if status is not None and 400 <= status < 500 and status not in (408, 425, 429):
+        # 401/403 (key refused), 404/405/410 (wrong URL): retrying faster or dead-lettering cannot help.
+        return Outcome.UNUSABLE
+    return Outcome.RETRY
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+    """Return the wait before retry ``attempt`` (1, 2, ...): exponential, capped, with equal jitter."""
+    ceiling = min(cap, base * 2.0 ** (attempt - 1))
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+class SinkUnusable(RuntimeError):
+    """The hook refused our key or URL (401/403/404...) and this run does not wait for a fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    batch_size: int = 100
+    max_in_flight: int = 10_000
+    debug: bool = False
+    drain_timeout: float = 30.0
+    fetch_max: int = 1_000
+    stop_on_unusable_sink: bool = False
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+    unusable_retry_base: float = 15.0
+    unusable_retry_cap: float = 300.0
+    store_retry_cap: float = 30.0
+
+
+@dataclass(slots=True)
+class Counts:
+    received: int = 0
+    invalid: int = 0
+    ignored: int = 0
+    duplicate: int = 0
+    stale: int = 0
+    coalesced: int = 0
+    notifications_sent: int = 0
+    requests: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    acked: int = 0
+    handed_back: int = 0
+    requests_by_status: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class Health:
+    """What readiness reports: whether the sink takes our notifications (not after a 401/403)."""
+
+    sink_usable: bool = True
+    sink_problem: str = ""
+
+
+class Pipeline:
+    """One service instance's pipeline from a source to a sink."""
+
+    def __init__(
+        self,
+        *,
+        source: Source,
+        router: Router,
+        deduplicator: Deduplicator,
+        throttle: Throttle,
+        sink: Sink,
+        dead_letters: DeadLetterSink,
+        options: PipelineOptions,
+        log: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.router = router
+        self.deduplicator = deduplicator
+        self.throttle = throttle
+        self.sink = sink
+        self.dead_letters = dead_letters
+        self.options = options
+        self.log = log if log is not None else audit.get_logger()
+        self.clock = clock
+        self.counts = Counts()
+        self.health = Health()
+        self.outbox: Outbox[Envelope] = Outbox()
+        self.holder = f"ctsync-{uuid.uuid4().hex[:12]}"
+        limits = throttle.limits
+        self._pace = limits.window_seconds / limits.limit
+        self._unsettled: dict[int, Envelope] = {}
+        self._keys: dict[int, str | None] = {}
+        self._changed = asyncio.Event()
+        self._sink_ok = asyncio.Event()
+        self._sink_ok.set()
+        self._backlogged = False
+        self._intake_blocked = False
+        self._intake_done = False
+        self._flushing = False
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._delivery_slots = asyncio.Semaphore(limits.batch_executions)
+        self._fatal: BaseException | None = None
+        self._room = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._abort = asyncio.Event()
+        self._abandon = asyncio.Event()
+
+    # ----------------------------------------------------------------------------------------------- run
+
+    async def run(self, stop: asyncio.Event | None = None) -> Counts:
+        """Run until the source is exhausted or ``stop`` is set; drain, hand back the rest, return counts.
+
+        A finite source (a file) is delivered to the end. A stop gives in-flight work ``drain_timeout``
+        seconds to land; whatever has not landed then is handed back to the source, never lost.
+        """
+        stop = stop or asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as group:
+                intake = group.create_task(self._intake(), name="ctsync-intake")
+                dispatcher = group.create_task(self._dispatch(group), name="ctsync-dispatcher")
+                stopping = group.create_task(self._until_stopping(stop), name="ctsync-stop")
+                await asyncio.wait({intake, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not stopping.done():
+                    await asyncio.wait({dispatcher, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not dispatcher.done() and self._fatal is None:
+                    self.log.info(
+                        audit.SERVICE_STOPPING,
+                        drain_timeout_s=self.options.drain_timeout,
+                        pending=len(self.outbox),
+                        unsettled=len(self._unsettled),
+                    )
+                    self._changed.set()
+                    abandoned = asyncio.ensure_future(self._abandon.wait())
+                    try:
+                        await asyncio.wait(
+                            {dispatcher, abandoned},
+                            timeout=self.options.drain_timeout,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        abandoned.cancel()
+                for task in (intake, dispatcher, stopping, *self._deliveries):
+                    task.cancel()
+        finally:
+            self._hand_back()
+        if self._fatal is not None:
+            raise self._fatal
+        return self.counts
+
+    def abandon(self) -> None:
+        """Stop waiting for in-flight work now (a second signal); what has not landed is handed back."""
+        self._abandon.set()
+        self._abort.set()
+
+    async def _until_stopping(self, stop: asyncio.Event) -> None:
+        """Return once a stop is requested or a delivery failed for good; tell the intake to stop."""
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._abort.wait())}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self._stopping.set()
+        self._flushing = True
+        self._room.set()
+        self._changed.set()
+
+    def _hand_back(self) -> None:
+        """Nack every envelope not settled, so the source redelivers it (at-least-once)."""
+        for envelope in list(self._unsettled.values()):
+            self.log.info(
+                audit.MESSAGE_HANDED_BACK,
+                message_key=self._keys.get(id(envelope)),
+                position=envelope.position,
+                **envelope.source_fields,
+            )
+            envelope.nack()
+            self.counts.handed_back += 1
+        self._unsettled.clear()
+        self._keys.clear()
+        list(self.outbox.drain())
+
+    # -------------------------------------------------------------------------------------------- intake
+
+    async def _intake(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                room = self.options.max_in_flight - len(self._unsettled)
+                if room <= 0 or not self._sink_ok.is_set():
+                    self._intake_blocked = True
+                    self._changed.set()
+                    self._room.clear()
+                    try:
+                        async with asyncio.timeout(1.0):
+                            await self._room.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                self._intake_blocked = False
+                fetched = await self.source.fetch(min(room, self.options.fetch_max))
+                self._backlogged = fetched.more_ready
+                if fetched.envelopes:
+                    await self._take_in(fetched.envelopes)
+                if fetched.exhausted:
+                    return
+        finally:
+            self._intake_done = True
+            self._flushing = True
+            self._changed.set()
+
+    async def _take_in(self, envelopes: Sequence[Envelope]) -> None:
+        now = self.clock()
+        log = self.log
+        source = self.source.name
+        letters: list[tuple[Envelope, DeadLetter]] = []
+        routed: list[tuple[Envelope, ChangeEvent, Any]] = []
+        for envelope in envelopes:
+            self._unsettled[id(envelope)] = envelope
+            self.counts.received += 1
+            result = parse(envelope.body)
+            if isinstance(result, InvalidMessage):
+                self._keys[id(envelope)] = None
+                log.info(
+                    audit.MESSAGE_RECEIVED,
+                    source=source,
+                    position=envelope.position,
+                    **envelope.source_fields,
+                )
+                log.warning(
+                    audit.MESSAGE_INVALID,
+                    reason=result.reason,
+                    position=envelope.position,
+                    **envelope.source_fields,
+                )
+                self.counts.invalid += 1
+                letters.append((envelope, self._letter(envelope, result.reason, None)))
+                continue
+            key = result.message_key
+            self._keys[id(envelope)] = key
+            log.info(
+                audit.MESSAGE_RECEIVED,
+                source=source,
+                position=envelope.position,
+                message_key=key,
+                resource_type=result.resource_type,
+                resource_id=result.resource_id,
+                version=result.version,
+                **envelope.source_fields,
+            )
+            decision = self.router.route(result)
+            if isinstance(decision, Ignored):
+                log.info(
+                    audit.MESSAGE_IGNORED,
+                    message_key=key,
+                    reason=decision.reason,
+                    resource_type=result.resource_type,
+                    resource_id=result.resource_id,
+                )
+                self.counts.ignored += 1
+                self._settle(envelope)
+                continue
+            routed.append((envelope, result, decision))
+        if letters:
+            await self._dead_letter(letters)
+        if not routed:
+            return
+        judgements = await self._with_store_retry(
+            lambda: self.deduplicator.judge_many([(e, r.action is Action.DELETED) for _, e, r in routed]),
+            "dedupe lookup",
+        )
+        for (envelope, event, route), judgement in zip(routed, judgements, strict=True):
+            key = event.message_key
+            if judgement.verdict is Verdict.DUPLICATE:
+                log.info(audit.MESSAGE_DUPLICATE, message_key=key, watermark=judgement.watermark)
+                self.counts.duplicate += 1
+                self._settle(envelope)
+            elif judgement.verdict is Verdict.STALE:
+                log.info(
+                    audit.MESSAGE_STALE,
+                    message_key=key,
+                    version=event.version,
+                    watermark=judgement.watermark,
+                    resource_type=event.resource_type,
+                    resource_id=event.resource_id,
+                )
+                self.counts.stale += 1
+                self._settle(envelope)
+            else:
+                duplicate_of_pending = self.outbox.is_pending(key)
+                if self.outbox.add(route, event, envelope, now):
+                    self.counts.coalesced += 1
+                    log.info(
+                        audit.NOTIFICATION_COALESCED,
+                        message_key=key,
+                        scope=route.scope(self.options.debug),
+                        external_id=route.external_id,
+                        duplicate=duplicate_of_pending,
+                    )
+                if route.fallback:
+                    log.warning(
+                        audit.CONFIG_WARNING,
+                        message_key=key,
+                        resource_type=event.resource_type,
+                        reason="external id identifier missing; the resource id is used instead",
+                        external_id=route.external_id,
+                    )
+        self._changed.set()
+
+    # ----------------------------------------------------------------------------------------- settling
+
+    def _settle(self, envelope: Envelope) -> None:
+        if self._unsettled.pop(id(envelope), None) is None:
+            return
+        key = self._keys.pop(id(envelope), None)
+        envelope.ack()
+        self.counts.acked += 1
+        self.log.info(
+            audit.MESSAGE_ACKED, message_key=key, position=envelope.position, **envelope.source_fields
+        )
+        self._room.set()
+
+    def _letter(self, envelope: Envelope, reason: str, key: str | None) -> DeadLetter:
+        return DeadLetter(
+            reason=reason,
+            body=envelope.body,
+            source=self.source.name,
+            position=envelope.position,
+            time=datetime.now(UTC),
+            message_key=key,
+            source_fields=envelope.source_fields,
+        )
+
+    async def _dead_letter(self, letters: list[tuple[Envelope, DeadLetter]]) -> None:
+        """Write dead letters (retrying until the sink takes them), then ack their envelopes."""
+        await self._with_store_retry(
+            lambda: self.dead_letters.write([letter for _, letter in letters]),
+            "dead-letter write",
+            event=audit.DEAD_LETTER_RETRYING,
+        )
+        for envelope, letter in letters:
+            self.counts.dead_lettered += 1
+            self.log.warning(
+                audit.MESSAGE_DEAD_LETTERED,
+                message_key=letter.message_key,
+                reason=letter.reason,
+                position=envelope.position,
+            )
+            self._settle(envelope)
+
+    async def _with_store_retry(
+        self, call: Callable[[], Awaitable[_T]], what: str, event: str = audit.STATE_RETRYING
+    ) -> _T:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, self.options.retry_base, self.options.store_retry_cap)
+                self.log.warning(
+                    event,
+                    operation=what,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                await asyncio.sleep(delay)
+
+    # ----------------------------------------------------------------------------------------- dispatch
+
+    def _finished(self) -> bool:
+        return self._intake_done and len(self.outbox) == 0 and not self._deliveries
+
+    async def _dispatch(self, group: asyncio.TaskGroup) -> None:
+        while not self._finished():
+            wait = self._ready_in()
+            if wait != 0.0:
+                self._changed.clear()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+                continue
+            await self._delivery_slots.acquire()
+            taken = asyncio.Event()
+            task = group.create_task(self._deliver_next(taken))
+            self._deliveries.add(task)
+            task.add_done_callback(self._delivery_done)
+            # One delivery at a time waits for the throttle, so entries keep merging until it takes them.
+            await taken.wait()
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        self._deliveries.discard(task)
+        self._changed.set()
+
+    def _ready_in(self) -> float | None:
+        """Return 0.0 when a batch should leave now, else how long to wait at most (None: until woken)."""
+        since = self.outbox.oldest_ready_since()
+        if since is None or not self._sink_ok.is_set():
+            return None
+        age = self.clock() - since
+        if should_send(
+            ready=self.outbox.ready_count,
+            oldest_age=age,
+            backlogged=self._backlogged,
+            intake_blocked=self._intake_blocked,
+            flushing=self._flushing,
+            pace_seconds=self._pace,
+        ):
+            return 0.0
+        return max(self._pace - age, 0.001)
+
+    async def _deliver_next(self, taken: asyncio.Event) -> None:
+        try:
+            async with self.throttle.batch_execution(self.holder):
+                entries: list[Entry] = []
+                async with self.throttle.request(self.holder):
+                    # Taken at the last moment: everything that merged while we waited for the budget rides.
+                    entries = self.outbox.take(self.options.batch_size)
+                    taken.set()
+                    if not entries:
+                        return
+                    response, correlation_id = await self._send(entries, attempt=1)
+                await self._settle_batch(entries, response, correlation_id, attempt=1)
+        finally:
+            taken.set()
+            self._delivery_slots.release()
+            self._changed.set()
+
+    async def _send(self, entries: list[Entry], attempt: int) -> tuple[HookResponse, str]:
+        correlation_id = str(uuid.uuid4())
+        notifications = [entry.notification(self.options.debug) for entry in entries]
+        response = await self.sink.send(notifications, correlation_id)
+        self.counts.requests += 1
+        status_label = str(response.status) if response.status is not None else "error"
+        self.counts.requests_by_status[status_label] = self.counts.requests_by_status.get(status_label, 0) + 1
+        self.log.info(
+            audit.BATCH_SENT,
+            correlation_id=correlation_id,
+            size=len(entries),
+            status=response.status,
+            attempt=attempt,
+            duration_ms=round(response.duration_ms, 1),
+            message_keys=[key for entry in entries for key in entry.message_keys],
+            notifications=[n.as_json() for n in notifications],
+            detail=response.detail or None,
+        )
+        return response, correlation_id
+
+    async def _settle_batch(
+        self, entries: list[Entry], response: HookResponse, correlation_id: str, attempt: int
+    ) -> None:
+        """Act on a hook answer: settle, retry (with fresh requests), split or wait for a usable sink."""
+        unusable_attempts = 0
+        while True:
+            outcome = classify(response.status)
+            if outcome is Outcome.DELIVERED:
+                if not self._sink_ok.is_set():
+                    self._sink_ok.set()
+                    self.health.sink_usable, self.health.sink_problem = True, ""
+                    self.log.info(audit.SINK_RECOVERED, correlation_id=correlation_id)
+                await self._delivered(entries)
+                return
+            if outcome is Outcome.REJECTED:
+                await self._isolate_rejected(entries, response, correlation_id)
+                return
+            if outcome is Outcome.UNUSABLE:
+                unusable_attempts += 1
+                problem = f"hook answered {response.status}: {response.detail}".strip()
+                self._sink_ok.clear()
+                self.health.sink_usable, self.health.sink_problem = False, problem
+                self.log.error(
+                    audit.SINK_UNUSABLE,
+                    correlation_id=correlation_id,
+                    status=response.status,
+                    detail=response.detail or None,
+                )
+                if self.options.stop_on_unusable_sink:
+                    self._fatal = SinkUnusable(
+                        f"the hook refused the request ({problem}); check IPAAS_HOOK_URL and "
+                        "IPAAS_WEBHOOK_API_KEY"
+                    )
+                    self._abort.set()
+                    return
+                delay = backoff_delay(
+                    unusable_attempts, self.options.unusable_retry_base, self.options.unusable_retry_cap
+                )
+            else:
+                delay = (
+                    response.retry_after
+                    if response.retry_after is not None
+                    else backoff_delay(attempt, self.options.retry_base, self.options.retry_cap)
+                )
+                if response.status == 429:
+                    # A 429 speaks for the whole subscription's budget: nobody sends until it has passed.
+                    await self.throttle.pause(delay)
+            self.counts.retries += 1
+            self.log.warning(
+                audit.BATCH_RETRYING,
+                correlation_id=correlation_id,
+                status=response.status,
+                delay_s=round(delay, 3),
+                attempt=attempt,
+                size=len(entries),
+                detail=response.detail or None,
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+            async with self.throttle.request(self.holder):
+                response, correlation_id = await self._send(entries, attempt)
+
+    async def _isolate_rejected(
+        self, entries: list[Entry], response: HookResponse, correlation_id: str
+    ) -> None:
+        if len(entries) == 1:
+            entry = entries[0]
+            reason = (
+                f"hook rejected notification {entry.notification(self.options.debug).scope} "
+                f"{entry.external_id}: HTTP {response.status} {response.detail}".strip()
+            )
+            await self._dead_letter(
+                [
+                    (envelope, self._letter(envelope, reason, key))
+                    for envelope, key in zip(entry.owed, entry.message_keys, strict=True)
+                ]
+            )
+            self.outbox.finish(entries)
+            return
+        middle = len(entries) // 2
+        for half in (entries[:middle], entries[middle:]):
+            async with self.throttle.request(self.holder):
+                half_response, half_id = await self._send(half, attempt=1)
+            await self._settle_batch(half, half_response, half_id, attempt=1)
+
+    async def _delivered(self, entries: list[Entry]) -> None:
+        keys = [key for entry in entries for key in entry.message_keys]
+        ranks: dict[str, int] = {}
+        for entry in entries:
+            for resource, rank in entry.ranks.items():
+                if rank > ranks.get(resource, -1):
+                    ranks[resource] = rank
+        await self._with_store_retry(lambda: self.deduplicator.record_delivered(keys, ranks), "state write")
+        self.counts.notifications_sent += len(entries)
+        for entry in entries:
+            for envelope in entry.owed:
+                self._settle(envelope)
+        self.outbox.finish(entries)
