@@ -144,3 +144,7 @@ async def _serve(settings: Settings, source: Source, *, command: str, finite: bo
         for line in app.summary_lines(counts_dict):
             click.echo(line, err=True)
     return code
+
+
+if __name__ == "__main__":
+    main()
