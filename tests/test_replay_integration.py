@@ -13,7 +13,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from hookserver import Fault, HookServer
 
 pytestmark = pytest.mark.integration
