@@ -1,0 +1,82 @@
+"""The pipeline's orchestration with in-memory ports (the adapters have their own real-server tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import orjson
+
+from adapters.state_memory import MemoryStateStore
+from consumer.dedupe import Deduplicator
+from consumer.pipeline import Outcome, Pipeline, PipelineOptions, backoff_delay, classify
+from consumer.ports import HookResponse
+from consumer.routing import Router
+from consumer.testing import ListSource, MemoryDeadLetters, RecordingSink
+from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
+
+
+def update(entity: int, version: int) -> bytes:
+    return orjson.dumps(
+        {
+            "notificationType": "ResourceUpdated",
+            "projectKey": "acme",
+            "resource": {"typeId": "product", "id": f"product-{entity}"},
+            "version": version,
+            "oldVersion": version - 1,
+        }
+    )
+
+
+def make(source: ListSource, sink: RecordingSink, limits: ThrottleLimits, **options: object) -> Pipeline:
+    return Pipeline(
+        source=source,
+        router=Router(),
+        deduplicator=Deduplicator(MemoryStateStore(), 60),
+        throttle=Throttle(LocalThrottleStore(limits), limits),
+        sink=sink,
+        dead_letters=MemoryDeadLetters(),
+        options=PipelineOptions(**options),  # type: ignore[arg-type]
+    )
+
+
+async def test_burst_under_throttle_is_merged() -> None:
+    source = ListSource(update(i % 100, i // 100 + 2) for i in range(10_000))
+    sink = RecordingSink()
+    limits = ThrottleLimits(limit=5, window_seconds=1.0, connections=5, batch_executions=5)
+    pipeline = make(source, sink, limits, batch_size=100)
+    counts = await pipeline.run()
+    per_entity = Counter(n.external_id for n in sink.notifications)
+    assert len(per_entity) == 100
+    assert max(per_entity.values()) <= 2
+    assert len(sink.requests) <= 5
+    assert counts.acked == 10_000 and sorted(source.acked) == list(range(10_000))
+
+
+async def test_stop_hands_back_what_did_not_land() -> None:
+    source = ListSource([update(i, 2) for i in range(10)], exhaust=False)
+    sink = RecordingSink(lambda _: HookResponse(503))
+    limits = ThrottleLimits(limit=100, window_seconds=1.0, connections=2, batch_executions=2)
+    pipeline = make(source, sink, limits, drain_timeout=0.3, retry_base=0.05, retry_cap=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop))
+    for _ in range(500):  # poll with a deadline
+        if sink.requests:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    counts = await asyncio.wait_for(task, 5)
+    assert source.acked == []
+    assert sorted(source.nacked) == list(range(10))
+    assert counts.handed_back == 10
+
+
+def test_classify_and_backoff() -> None:
+    assert [classify(s) for s in (200, 202, 204)] == [Outcome.DELIVERED] * 3
+    assert classify(201) is Outcome.RETRY
+    assert [classify(s) for s in (400, 413, 422)] == [Outcome.REJECTED] * 3
+    assert [classify(s) for s in (401, 403, 404)] == [Outcome.UNUSABLE] * 3
+    assert [classify(s) for s in (None, 408, 429, 500, 503)] == [Outcome.RETRY] * 5
+    assert backoff_delay(1, 1.0, 60.0, rand=lambda: 0.0) == 0.5
+    assert backoff_delay(3, 1.0, 60.0, rand=lambda: 1.0) == 4.0
+    assert backoff_delay(20, 1.0, 60.0, rand=lambda: 1.0) == 60.0
