@@ -753,7 +753,8 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name in _SECRET_FIELDS:
-                summary[name] = "unset" if value is None else "set"
+                # "_set" suffix: the audit redactor blanks any field named after a secret, set or not.
+                summary[f"{name}_set"] = value is not None
             elif isinstance(value, ListenAddress | Path):
                 summary[name] = str(value)
             else:

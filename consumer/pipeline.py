@@ -75,6 +75,7 @@ class PipelineOptions:
     stop_on_unusable_sink: bool = False
     retry_base: float = 1.0
     retry_cap: float = 60.0
+    retry_after_cap: float = 600.0
     unusable_retry_base: float = 15.0
     unusable_retry_cap: float = 300.0
     store_retry_cap: float = 30.0
@@ -539,7 +540,8 @@ class Pipeline:
                 )
             else:
                 delay = (
-                    response.retry_after
+                    # A far-future Retry-After date must not stall the service for days.
+                    min(response.retry_after, self.options.retry_after_cap)
                     if response.retry_after is not None
                     else backoff_delay(attempt, self.options.retry_base, self.options.retry_cap)
                 )

@@ -5,6 +5,7 @@ import pytest
 
 from consumer.config import (
     KNOWN_REGIONS,
+    SECRET_VARIABLES,
     SETTING_VARIABLES,
     ConfigError,
     DeadLetterTarget,
@@ -634,22 +635,24 @@ def test_summary_is_safe_to_log() -> None:
     for secret in (CLIENT_SECRET, WEBHOOK_KEY, SASL_PASSWORD, "hook-pass-991", "q-secret-1", "redis-pass-77"):
         assert secret not in text
     assert (
-        summary["ctp_client_secret"]
-        == summary["ipaas_webhook_api_key"]
-        == summary["kafka_sasl_password"]
-        == "set"
+        summary["ctp_client_secret_set"]
+        == summary["ipaas_webhook_api_key_set"]
+        == summary["kafka_sasl_password_set"]
+        is True
     )
     assert summary["ipaas_hook_url"] == "https://hooks.ipaas.com/x/y"
     assert summary["ctsync_state_url"] == "redis://cache:6379/2"
     assert summary["ctsync_http_listen"] == "0.0.0.0:9000"
     assert summary["dry_run"] is False
-    assert set(summary) >= {name.lower() for name in SETTING_VARIABLES}
+    secret_names = {name.lower() for name in SECRET_VARIABLES}
+    assert set(summary) >= {name.lower() for name in SETTING_VARIABLES} - secret_names
+    assert set(summary) >= {f"{name}_set" for name in secret_names}
     assert not {"command", "source", "event"} & set(summary)  # the CLI logs these beside the summary
 
 
 def test_summary_of_defaults() -> None:
     summary = load().summary()
-    assert summary["ctp_client_secret"] == "unset" and summary["ipaas_hook_url"] is None
+    assert summary["ctp_client_secret_set"] is False and summary["ipaas_hook_url"] is None
     assert summary["ctsync_state_url"] == "sqlite:///ctsync-state.db" and summary["dry_run"] is True
 
 

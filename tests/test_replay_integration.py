@@ -269,3 +269,36 @@ def test_run_without_source_exits_2(ctsync: Callable[..., Result]) -> None:
     result = ctsync("run")
     assert result.code == 2
     assert "CTSYNC_SOURCE" in result.stderr
+
+
+def test_sigterm_drains_and_exits_0(tmp_path: Path, hook_server: HookServer) -> None:
+    import signal
+
+    path = write(tmp_path / "follow.jsonl", updates(4, 4))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CTSYNC_", "IPAAS_"))}
+    environ.update(
+        hook_server.env(),
+        CTSYNC_SOURCE=f"file:{path}",
+        CTSYNC_STATE_URL=f"sqlite:///{tmp_path}/state.db",
+        CTSYNC_DEAD_LETTER_URL=f"file:{tmp_path}/dead.jsonl",
+    )
+    proc = subprocess.Popen(
+        [*CTSYNC, "run", "--follow"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        hook_server.wait_for_notifications(4, timeout=20)
+        with path.open("ab") as file:  # appended lines are followed
+            file.write(updates(1, 1, prefix="late")[0] + b"\n")
+        hook_server.wait_for_notifications(5, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    events = [orjson.loads(line) for line in stdout.splitlines() if line.startswith(b"{")]
+    stopped = [e for e in events if e["event"] == "service.stopped"]
+    assert stopped and stopped[0]["signal"] == "SIGTERM" and stopped[0]["acked"] == 5

@@ -1,0 +1,47 @@
+import io
+
+import orjson
+import structlog
+
+from consumer import audit
+
+
+def lines(stream: io.BytesIO) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_with_timestamp_level_event_and_redaction() -> None:
+    stream = io.BytesIO()
+    audit.configure(level="INFO", secrets=["s3cr3t-value", "abc"], stream=stream)
+    log = structlog.get_logger("test")
+    log.info(audit.BATCH_SENT, correlation_id="c-1", status=200)
+    log.info(
+        audit.SINK_UNUSABLE,
+        detail="server said: token s3cr3t-value is wrong",
+        headers={"Authorization": "Bearer xyz", "x-correlation-id": "c-2"},
+        error="Bearer abc.def-ghi rejected",
+        client_secret="whatever",
+        api_key=None,
+        nested=[{"password": "p"}],
+    )
+    log.debug("not.shown")
+    first, second = lines(stream)
+    assert first["event"] == "batch.sent" and first["level"] == "info"
+    assert str(first["timestamp"]).endswith("Z") and "T" in str(first["timestamp"])
+    text = orjson.dumps(second).decode()
+    assert "s3cr3t-value" not in text and "xyz" not in text and "abc.def-ghi" not in text
+    assert second["client_secret"] == audit.REDACTED
+    assert second["headers"] == {"Authorization": audit.REDACTED, "x-correlation-id": "c-2"}
+    assert second["nested"] == [{"password": audit.REDACTED}]
+    assert second["api_key"] is None
+    # Too short to scrub by value without mangling text; field names still cover it.
+    assert second["detail"] == f"server said: token {audit.REDACTED} is wrong"
+
+
+def test_level_filters() -> None:
+    stream = io.BytesIO()
+    audit.configure(level="WARNING", stream=stream)
+    log = structlog.get_logger("test")
+    log.info(audit.MESSAGE_ACKED)
+    log.warning(audit.MESSAGE_INVALID, reason="x")
+    assert [e["event"] for e in lines(stream)] == ["message.invalid"]
