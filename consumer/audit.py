@@ -64,34 +64,44 @@ _MIN_SCRUBBED_LENGTH = 4
 
 
 class Redactor:
-    """A structlog processor that removes secrets: by field name, by known value, and Bearer/Basic tokens.
+    """Remove secrets from log lines: by field name before rendering, by value after it.
 
-    ``secrets`` are the actual values of the secret settings; any string field containing one has it
-    replaced, so a secret that leaked into an exception message or a URL is still not written.
+    Before rendering (``__call__``, a structlog processor) every field named like a secret, at any depth,
+    is blanked. After rendering (``scrub_rendered``, the last processor) the rendered line has every known
+    secret value and Bearer/Basic credential replaced, so a secret that leaked into an exception message, a
+    URL or a response body is still not written. Scrubbing the rendered line costs a few C-level scans
+    instead of a Python walk over every string field.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SCRUBBED_LENGTH}, key=len, reverse=True)
+        # Both the raw form and the JSON-escaped form (a secret holding a quote or backslash is escaped).
+        self._secret_bytes = sorted(
+            {form for s in self.secrets for form in (s.encode(), orjson.dumps(s)[1:-1])},
+            key=len,
+            reverse=True,
+        )
+        self._redacted_bytes = REDACTED.encode()
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         for key, value in event_dict.items():
-            if key.lower() in SECRET_FIELDS and value is not None:
+            if value is None:
+                continue
+            if key.lower() in SECRET_FIELDS:
                 event_dict[key] = REDACTED
-            else:
-                event_dict[key] = self._clean(value)
+            elif type(value) in _CONTAINERS:
+                event_dict[key] = self._names(value)
         return event_dict
 
-    def _clean(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.scrub(value)
+    def _names(self, value: Any) -> Any:
         if isinstance(value, dict):
             return {
-                k: REDACTED if isinstance(k, str) and k.lower() in SECRET_FIELDS else self._clean(v)
+                k: REDACTED
+                if isinstance(k, str) and k.lower() in SECRET_FIELDS
+                else (self._names(v) if type(v) in _CONTAINERS else v)
                 for k, v in value.items()
             }
-        if isinstance(value, list | tuple):
-            return [self._clean(v) for v in value]
-        return value
+        return [self._names(v) if type(v) in _CONTAINERS else v for v in value]
 
     def scrub(self, text: str) -> str:
         """Return ``text`` with every known secret value and Bearer/Basic credential replaced."""
@@ -101,6 +111,20 @@ class Redactor:
         if "earer" in text or "asic" in text:
             text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
         return text
+
+    def scrub_rendered(self, logger: WrappedLogger, method_name: str, rendered: Any) -> Any:
+        """Scrub a rendered line (bytes from the JSON renderer, str from the console one)."""
+        if isinstance(rendered, str):
+            return self.scrub(rendered)
+        for secret in self._secret_bytes:
+            if secret in rendered:
+                rendered = rendered.replace(secret, self._redacted_bytes)
+        if b"earer" in rendered or b"asic" in rendered:
+            rendered = self.scrub(rendered.decode("utf-8", "replace")).encode()
+        return rendered
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def _orjson_dumps(event_dict: MutableMapping[str, Any], **_: Any) -> bytes:
@@ -124,10 +148,10 @@ def configure(
         redactor,
     ]
     if log_format == "console":
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        processors += [structlog.dev.ConsoleRenderer(colors=False), redactor.scrub_rendered]
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
-        processors.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
+        processors += [structlog.processors.JSONRenderer(serializer=_orjson_dumps), redactor.scrub_rendered]
         factory = structlog.BytesLoggerFactory(stream or sys.stdout.buffer)
     structlog.configure(
         processors=processors,

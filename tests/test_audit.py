@@ -45,3 +45,13 @@ def test_level_filters() -> None:
     log.info(audit.MESSAGE_ACKED)
     log.warning(audit.MESSAGE_INVALID, reason="x")
     assert [e["event"] for e in lines(stream)] == ["message.invalid"]
+
+
+def test_secret_with_json_escapes_is_scrubbed() -> None:
+    stream = io.BytesIO()
+    secret = 'pa"ss\\word-9'
+    audit.configure(level="INFO", secrets=[secret], stream=stream)
+    structlog.get_logger("test").error(audit.SINK_UNUSABLE, detail=f"bad {secret} here")
+    raw = stream.getvalue()
+    assert secret.encode() not in raw and orjson.dumps(secret)[1:-1] not in raw
+    assert lines(stream)[0]["detail"] == f"bad {audit.REDACTED} here"
