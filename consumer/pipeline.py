@@ -132,7 +132,8 @@ class Pipeline:
         self.sink = sink
         self.dead_letters = dead_letters
         self.options = options
-        self.log = log if log is not None else audit.get_logger()
+        # Bound once: the lazy proxy that get_logger returns re-resolves itself on every call.
+        self.log = log if log is not None else audit.get_logger().bind()
         self.clock = clock
         self.counts = Counts()
         self.health = Health()
