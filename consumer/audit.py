@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, Final
 
 import orjson
@@ -127,6 +128,16 @@ class Redactor:
 _CONTAINERS = (dict, list, tuple)
 
 
+_LEVEL_ALIASES: Final = {"warn": "warning", "exception": "error"}
+
+
+def _stamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Add ``level`` and an ISO 8601 UTC ``timestamp``: one processor for both, on the hot path."""
+    event_dict["level"] = _LEVEL_ALIASES.get(method_name, method_name)
+    event_dict["timestamp"] = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return event_dict
+
+
 def _orjson_dumps(event_dict: MutableMapping[str, Any], **_: Any) -> bytes:
     return orjson.dumps(event_dict, default=str)
 
@@ -142,8 +153,7 @@ def configure(
     redactor = Redactor(secrets)
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        _stamp,
         structlog.processors.format_exc_info,
         redactor,
     ]

@@ -55,18 +55,22 @@ class ChangeEvent:
     sequence_number: int | None = None
     cloud_events: bool = False
     payload_not_included: bool = False
+    # Derived once here: the pipeline reads both keys several times per payload on its hot path.
+    message_key: str = field(init=False, repr=False, compare=False)
+    """The dedupe key: the message id, or type+id+notificationType+version for changes."""
+    resource_key: str = field(init=False, repr=False, compare=False)
+    """The key of the resource whose delivered version is watermarked."""
 
-    @property
-    def message_key(self) -> str:
-        """Return the dedupe key: the message id, or type+id+notificationType+version for changes."""
-        if self.message_id is not None:
-            return self.message_id
-        return f"{self.resource_type}:{self.resource_id}:{self.kind.value}:{self.version}"
-
-    @property
-    def resource_key(self) -> str:
-        """Return the key of the resource whose delivered version is watermarked."""
-        return f"{self.resource_type}:{self.resource_id}"
+    def __post_init__(self) -> None:
+        resource_key = f"{self.resource_type}:{self.resource_id}"
+        object.__setattr__(self, "resource_key", resource_key)
+        object.__setattr__(
+            self,
+            "message_key",
+            self.message_id
+            if self.message_id is not None
+            else f"{resource_key}:{self.kind.value}:{self.version}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
