@@ -85,12 +85,13 @@ class Redactor:
         self._redacted_bytes = REDACTED.encode()
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-        for key, value in event_dict.items():
-            if value is None:
-                continue
-            if key.lower() in SECRET_FIELDS:
+        # Top-level keys are our own keyword arguments: a set intersection finds secret names in any of
+        # the usual spellings without lower-casing every key of every event.
+        for key in event_dict.keys() & _SECRET_TOP_LEVEL:
+            if event_dict[key] is not None:
                 event_dict[key] = REDACTED
-            elif type(value) in _CONTAINERS:
+        for key, value in event_dict.items():
+            if type(value) in _CONTAINERS:
                 event_dict[key] = self._names(value)
         return event_dict
 
@@ -126,6 +127,9 @@ class Redactor:
 
 
 _CONTAINERS = (dict, list, tuple)
+_SECRET_TOP_LEVEL: Final = frozenset(
+    form for name in SECRET_FIELDS for form in (name, name.upper(), name.title(), name.capitalize())
+)
 
 
 _LEVEL_ALIASES: Final = {"warn": "warning", "exception": "error"}
