@@ -141,8 +141,8 @@ class Pipeline:
         self.holder = f"ctsync-{uuid.uuid4().hex[:12]}"
         limits = throttle.limits
         self._pace = limits.window_seconds / limits.limit
-        self._unsettled: dict[int, Envelope] = {}
-        self._keys: dict[int, str | None] = {}
+        # Every envelope not yet acked or handed back, with its message key once parsed (None if invalid).
+        self._unsettled: dict[int, tuple[Envelope, str | None]] = {}
         self._changed = asyncio.Event()
         self._sink_ok = asyncio.Event()
         self._sink_ok.set()
@@ -220,17 +220,16 @@ class Pipeline:
 
     def _hand_back(self) -> None:
         """Nack every envelope not settled, so the source redelivers it (at-least-once)."""
-        for envelope in list(self._unsettled.values()):
+        for envelope, key in list(self._unsettled.values()):
             self.log.info(
                 audit.MESSAGE_HANDED_BACK,
-                message_key=self._keys.get(id(envelope)),
+                message_key=key,
                 position=envelope.position,
                 **envelope.source_fields,
             )
             envelope.nack()
             self.counts.handed_back += 1
         self._unsettled.clear()
-        self._keys.clear()
         list(self.outbox.drain())
 
     # -------------------------------------------------------------------------------------------- intake
@@ -268,11 +267,10 @@ class Pipeline:
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
         for envelope in envelopes:
-            self._unsettled[id(envelope)] = envelope
+            self._unsettled[id(envelope)] = (envelope, None)
             self.counts.received += 1
             result = parse(envelope.body)
             if isinstance(result, InvalidMessage):
-                self._keys[id(envelope)] = None
                 log.info(
                     audit.MESSAGE_RECEIVED,
                     source=source,
@@ -289,7 +287,7 @@ class Pipeline:
                 letters.append((envelope, self._letter(envelope, result.reason, None)))
                 continue
             key = result.message_key
-            self._keys[id(envelope)] = key
+            self._unsettled[id(envelope)] = (envelope, key)
             log.info(
                 audit.MESSAGE_RECEIVED,
                 source=source,
@@ -362,9 +360,10 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------- settling
 
     def _settle(self, envelope: Envelope) -> None:
-        if self._unsettled.pop(id(envelope), None) is None:
+        settled = self._unsettled.pop(id(envelope), None)
+        if settled is None:
             return
-        key = self._keys.pop(id(envelope), None)
+        key = settled[1]
         envelope.ack()
         self.counts.acked += 1
         self.log.info(
