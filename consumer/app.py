@@ -57,13 +57,22 @@ def throttle_store(settings: Settings) -> ThrottleStore:
     return LocalThrottleStore(throttle_limits(settings))
 
 
-def dead_letter_sink(settings: Settings) -> DeadLetterSink:
+async def dead_letter_sink(settings: Settings) -> DeadLetterSink:
     target = settings.dead_letter
     if target.kind == "file":
         from adapters.files import FileDeadLetterSink
 
         assert target.path is not None
         return FileDeadLetterSink(target.path)
+    assert target.topic is not None
+    if target.kind == "kafka":
+        from adapters import kafka
+
+        return await kafka.open_dead_letter_sink(settings, target.topic)
+    if target.kind == "pubsub":
+        from adapters import pubsub
+
+        return await pubsub.open_dead_letter_sink(settings, target.topic)
     raise UnsupportedSetting(
         f"CTSYNC_DEAD_LETTER_URL: {target.kind} dead letters are not supported by this build yet"
     )
@@ -93,13 +102,26 @@ def file_source(path: str | Path, *, follow: bool = False) -> Source:
     return source
 
 
-def configured_source(settings: Settings, *, follow: bool = False) -> Source:
+async def configured_source(settings: Settings, *, follow: bool = False) -> Source:
+    """Open the source ``CTSYNC_SOURCE`` names; broker sources connect here, so this may raise OSError."""
     spec = settings.source
     if spec is None:
         raise UnsupportedSetting("CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)")
     if spec.kind == "file":
         assert spec.path is not None
         return file_source(spec.path, follow=follow)
+    if spec.kind == "kafka":
+        from adapters import kafka
+
+        return await kafka.open_source(settings)
+    if spec.kind == "pubsub":
+        from adapters import pubsub
+
+        return await pubsub.open_source(settings)
+    if spec.kind == "push":
+        from adapters import push
+
+        return await push.open_source(settings)
     raise UnsupportedSetting(f"CTSYNC_SOURCE: the {spec.kind} source is not supported by this build yet")
 
 
@@ -122,7 +144,7 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
         resources.push_async_callback(throttle_port.close)
         store = await state_store(settings)
         resources.push_async_callback(store.close)
-        letters = dead_letter_sink(settings)
+        letters = await dead_letter_sink(settings)
         resources.push_async_callback(letters.close)
         hook = sink(settings)
         resources.push_async_callback(hook.close)

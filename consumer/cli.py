@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -64,12 +65,10 @@ def main() -> None:
 def run(env_file: Path | None, follow: bool) -> None:
     """Run the service: consume, deliver, ack, until SIGTERM/SIGINT; then drain and stop."""
     settings = _settings(env_file, "run")
-    try:
-        source = app.configured_source(settings, follow=follow)
-    except (app.UnsupportedSetting, OSError) as exc:
-        _config_failure([_describe(exc, "CTSYNC_SOURCE")])
-    finite = settings.source is not None and settings.source.kind == "file" and not follow
-    sys.exit(asyncio.run(_serve(settings, source, command="run", finite=finite)))
+    if settings.source is None:
+        _config_failure(["CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)"])
+    finite = settings.source.kind == "file" and not follow
+    sys.exit(asyncio.run(_serve(settings, _configured(settings, follow), command="run", finite=finite)))
 
 
 @main.command()
@@ -78,8 +77,22 @@ def run(env_file: Path | None, follow: bool) -> None:
 def replay(env_file: Path | None, file: Path) -> None:
     """Push a JSONL file of payloads (or of dead letters) through the pipeline and print a summary."""
     settings = _settings(env_file, "replay")
-    source = app.file_source(file)
-    sys.exit(asyncio.run(_serve(settings, source, command="replay", finite=True)))
+
+    async def open_file() -> Source:
+        return app.file_source(file)
+
+    sys.exit(asyncio.run(_serve(settings, open_file, command="replay", finite=True)))
+
+
+def _configured(settings: Settings, follow: bool) -> Callable[[], Awaitable[Source]]:
+    async def open_configured() -> Source:
+        return await app.configured_source(settings, follow=follow)
+
+    return open_configured
+
+
+def _describe_runtime(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _describe(exc: BaseException, variable: str) -> str:
@@ -88,8 +101,20 @@ def _describe(exc: BaseException, variable: str) -> str:
     return str(exc)
 
 
-async def _serve(settings: Settings, source: Source, *, command: str, finite: bool) -> int:
+async def _serve(
+    settings: Settings, open_source: Callable[[], Awaitable[Source]], *, command: str, finite: bool
+) -> int:
     log = audit.get_logger()
+    try:
+        source = await open_source()
+    except app.UnsupportedSetting as exc:
+        _config_failure([str(exc)])
+    except OSError as exc:
+        if settings.source is not None and settings.source.kind == "file" and command == "run":
+            _config_failure([_describe(exc, "CTSYNC_SOURCE")])
+        log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
+        click.echo(f"ctsync: cannot open the source: {_describe_runtime(exc)}", err=True)
+        return EXIT_FAILURE
     try:
         built = await app.build(settings, source, finite=finite)
     except (app.UnsupportedSetting, ScopeMapError) as exc:
@@ -98,7 +123,9 @@ async def _serve(settings: Settings, source: Source, *, command: str, finite: bo
             _config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in problems])
         _config_failure([str(exc)])
     except OSError as exc:
-        log.error(audit.SERVICE_STOPPED, command=command, error=f"{type(exc).__name__}: {exc}")
+        await source.close()
+        log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
+        click.echo(f"ctsync: {_describe_runtime(exc)}", err=True)
         return EXIT_FAILURE
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
