@@ -6,10 +6,6 @@ from consumer.config import Settings
 from consumer.ports import DeadLetterSink, Source
 
 
-class NotBuiltYet(ValueError):
-    pass
-
-
 async def open_source(settings: Settings) -> Source:
     from consumer.app import UnsupportedSetting
 
@@ -20,3 +16,13 @@ async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSin
     from consumer.app import UnsupportedSetting
 
     raise UnsupportedSetting(f"CTSYNC_DEAD_LETTER_URL: {topic}: pubsub dead letters are not built yet")
+
+
+async def probe(settings: Settings) -> str:
+    """Check that the configured pubsub source is reachable; return a one-line description or raise."""
+    raise ConnectionError("the pubsub adapter is not built yet")
+
+
+async def open_dead_letter_source(settings: Settings, name: str) -> Source:
+    """Open a finite source over the dead letters kept at name (for `ctsync dead-letters replay`)."""
+    raise ConnectionError("the pubsub adapter is not built yet")

@@ -6,10 +6,6 @@ from consumer.config import Settings
 from consumer.ports import DeadLetterSink, Source
 
 
-class NotBuiltYet(ValueError):
-    pass
-
-
 async def open_source(settings: Settings) -> Source:
     from consumer.app import UnsupportedSetting
 
