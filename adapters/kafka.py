@@ -1,28 +1,414 @@
-"""Placeholder until the kafka adapter lands."""
+"""Kafka and Confluent Cloud: an aiokafka source with at-least-once offsets, and a dead-letter producer.
+
+One poller task owns the consumer: it fetches in batches (``getmany``) into a buffer that the pipeline drains
+through ``fetch``, commits per partition only up to the lowest offset not yet acked, pauses every assigned
+partition while ``CTSYNC_MAX_IN_FLIGHT`` envelopes are unsettled and keeps polling meanwhile, so the group
+does not evict a consumer that is only waiting for the throttle.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+
+from consumer import audit
 from consumer.config import Settings
-from consumer.ports import DeadLetterSink, Source
+from consumer.offsets import OffsetTracker, PartitionOffsets
+from consumer.ports import DeadLetter, DeadLetterSink, Envelope, Fetched, Source
+
+Partition = tuple[str, int]
+
+COMMIT_INTERVAL_S = 1.0
+FETCH_RECORDS_MAX = 5_000
+DEAD_LETTER_IDLE_S = 3.0
+
+
+class SourceUnavailable(ConnectionError):
+    """The broker cannot be reached or the configured topics do not exist; the message names the setting."""
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Return the connection options aiokafka clients share: servers, TLS (verified), SASL."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_server_list,
+        "security_protocol": protocol,
+        "client_id": "ctsync",
+    }
+    if protocol in ("SSL", "SASL_SSL"):
+        # The default context verifies the broker's certificate and host name.
+        options["ssl_context"] = create_ssl_context()
+    if protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = password.get_secret_value() if password is not None else None
+    return options
+
+
+def _servers(settings: Settings) -> str:
+    return ",".join(settings.kafka_bootstrap_server_list)
+
+
+def _unreachable(settings: Settings, exc: BaseException) -> SourceUnavailable:
+    return SourceUnavailable(
+        f"KAFKA_BOOTSTRAP_SERVERS: cannot reach {_servers(settings)} ({type(exc).__name__}: {exc})"
+    )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.source.partitions_revoked([(tp.topic, tp.partition) for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.source.log.info(
+            "kafka.partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in self.source.assigned())
+        )
+
+
+class KafkaSource:
+    """A ``Source`` over a consumer group's share of the topics."""
+
+    name = "kafka"
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        topics: Sequence[str],
+        *,
+        max_in_flight: int,
+        revoke_timeout: float,
+        commit_interval: float = COMMIT_INTERVAL_S,
+        exhaust_after_idle: float | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.topics = list(topics)
+        self.max_in_flight = max_in_flight
+        self.revoke_timeout = revoke_timeout
+        self.commit_interval = commit_interval
+        # A finite read (dead-letter replay): exhausted once nothing arrived for this long.
+        self.exhaust_after_idle = exhaust_after_idle
+        self.log = audit.get_logger("ctsync.kafka").bind()
+        self.offsets: OffsetTracker[Partition] = OffsetTracker()
+        self._buffer: deque[Envelope] = deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
+        self._paused = False
+        self._last_commit = time.monotonic()
+        self._last_record = time.monotonic()
+        self._commit_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.consumer.subscribe(topics=self.topics, listener=_Rebalance(self))
+        await self.consumer.start()
+        try:
+            known = await self.consumer.topics()
+        except KafkaError as exc:
+            await self.consumer.stop()
+            raise SourceUnavailable(f"KAFKA_TOPICS: cannot list topics ({type(exc).__name__})") from None
+        missing = [topic for topic in self.topics if topic not in known]
+        if missing:
+            await self.consumer.stop()
+            raise SourceUnavailable(f"KAFKA_TOPICS: no such topic on the broker: {', '.join(missing)}")
+        self._poller = asyncio.create_task(self._poll(), name="ctsync-kafka-poller")
+
+    def assigned(self) -> list[Partition]:
+        return [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+
+    # ------------------------------------------------------------------------------------ pipeline side
+
+    async def fetch(self, max_count: int) -> Fetched:
+        if not self._buffer:
+            self._raise_if_poller_failed()
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._ready.wait()
+        buffer = self._buffer
+        count = min(max_count, len(buffer))
+        envelopes = [buffer.popleft() for _ in range(count)]
+        exhausted = (
+            self.exhaust_after_idle is not None
+            and not buffer
+            and not envelopes
+            and time.monotonic() - self._last_record >= self.exhaust_after_idle
+        )
+        return Fetched(envelopes, more_ready=bool(buffer), exhausted=exhausted)
+
+    def _raise_if_poller_failed(self) -> None:
+        poller = self._poller
+        if poller is not None and poller.done() and not poller.cancelled():
+            error = poller.exception()
+            if error is not None:
+                raise error
+
+    def _acked(self, offsets: PartitionOffsets, offset: int) -> None:
+        offsets.acked(offset)
+        self._room.set()
+
+    @staticmethod
+    def _handed_back() -> None:
+        # A handed-back offset stays unsettled, so no commit passes it and the group redelivers it.
+        return None
+
+    # -------------------------------------------------------------------------------------- poller side
+
+    async def _poll(self) -> None:
+        consumer = self.consumer
+        while True:
+            room = self.max_in_flight - self.offsets.outstanding()
+            if room <= 0:
+                self._pause()
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._room.wait()
+                # Polling a paused consumer returns nothing but tells the group this member is alive.
+                await consumer.getmany(timeout_ms=0)
+            else:
+                self._resume()
+                batches = await consumer.getmany(timeout_ms=500, max_records=min(room, FETCH_RECORDS_MAX))
+                if batches:
+                    self._take(batches)
+            if time.monotonic() - self._last_commit >= self.commit_interval:
+                await self.commit()
+
+    def _take(self, batches: dict[Any, list[Any]]) -> None:
+        buffer = self._buffer
+        for tp, records in batches.items():
+            topic, number = tp.topic, tp.partition
+            offsets = self.offsets.partition((topic, number))
+            for record in records:
+                offset = record.offset
+                offsets.received(offset)
+                buffer.append(
+                    Envelope(
+                        body=record.value if record.value is not None else b"",
+                        position=f"{topic}/{number}/{offset}",
+                        ack=partial(self._acked, offsets, offset),
+                        nack=self._handed_back,
+                        source_fields=self._fields(topic, number, offset, record),
+                        key=record.key,
+                    )
+                )
+        self._last_record = time.monotonic()
+        self._ready.set()
+
+    def _fields(self, topic: str, partition: int, offset: int, record: Any) -> dict[str, object]:
+        fields: dict[str, object] = {"topic": topic, "partition": partition, "offset": offset}
+        if self.exhaust_after_idle is not None:
+            # Reading dead letters back: their reason and time let a replay filter them.
+            for name, value in record.headers or ():
+                if name in ("ctsync-reason", "ctsync-time"):
+                    fields[f"dead_letter_{name[7:]}"] = value.decode("utf-8", "replace")
+        return fields
+
+    def _pause(self) -> None:
+        # Every time: partitions assigned by a rebalance since the last pause arrive unpaused.
+        self.consumer.pause(*self.consumer.assignment())
+        if not self._paused:
+            self._paused = True
+            self.log.info("kafka.paused", unsettled=self.offsets.outstanding(), bound=self.max_in_flight)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            self.log.info("kafka.resumed", unsettled=self.offsets.outstanding())
+
+    async def commit(self, partitions: Sequence[Partition] | None = None) -> None:
+        """Commit, per partition, the offset below which everything is settled."""
+        async with self._commit_lock:
+            self._last_commit = time.monotonic()
+            offsets = self.offsets.committable()
+            if partitions is not None:
+                offsets = {p: o for p, o in offsets.items() if p in partitions}
+            if not offsets:
+                return
+            try:
+                await self.consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+            except KafkaError as exc:
+                # Not fatal: the next commit carries the same offsets; a lost one means redelivery, not loss.
+                self.log.warning("kafka.commit_failed", error=f"{type(exc).__name__}: {exc}")
+                return
+            self.offsets.committed(offsets)
+            self.log.debug("kafka.committed", offsets={f"{t}/{p}": o for (t, p), o in offsets.items()})
+
+    async def partitions_revoked(self, revoked: list[Partition]) -> None:
+        """Drop unread envelopes of ``revoked``, wait (bounded) for the rest to settle, commit, let go."""
+        revoked_set = set(revoked)
+        kept = [
+            e
+            for e in self._buffer
+            if (e.source_fields["topic"], e.source_fields["partition"]) not in revoked_set
+        ]
+        dropped = len(self._buffer) - len(kept)
+        self._buffer = deque(kept)
+        handed_out = self.offsets.outstanding(revoked) - dropped
+        deadline = time.monotonic() + self.revoke_timeout
+        while handed_out > 0 and time.monotonic() < deadline:
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.5, max(0.0, deadline - time.monotonic()))):
+                    await self._room.wait()
+            handed_out = self.offsets.outstanding(revoked) - dropped
+        await self.commit(revoked)
+        for partition in revoked:
+            self.offsets.retire(partition)
+        self.log.info(
+            "kafka.partitions_revoked",
+            partitions=sorted(f"{t}/{p}" for t, p in revoked),
+            unread_dropped=dropped,
+            given_up=max(0, handed_out),
+        )
+
+    async def close(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await poller
+        try:
+            await self.commit()
+        finally:
+            await self.consumer.stop()
+
+
+def _consumer(settings: Settings, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.kafka_auto_offset_reset,
+        fetch_max_bytes=4 * 1024 * 1024,
+        max_partition_fetch_bytes=512 * 1024,
+        **client_options(settings),
+        **extra,
+    )
 
 
 async def open_source(settings: Settings) -> Source:
-    from consumer.app import UnsupportedSetting
-
-    raise UnsupportedSetting("CTSYNC_SOURCE: the kafka source is not supported by this build yet")
-
-
-async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSink:
-    from consumer.app import UnsupportedSetting
-
-    raise UnsupportedSetting(f"CTSYNC_DEAD_LETTER_URL: {topic}: kafka dead letters are not built yet")
-
-
-async def probe(settings: Settings) -> str:
-    """Check that the configured kafka source is reachable; return a one-line description or raise."""
-    raise ConnectionError("the kafka adapter is not built yet")
+    drain = settings.ctsync_drain_timeout_seconds
+    consumer = _consumer(
+        settings,
+        settings.kafka_group_id,
+        # A revocation waits for in-flight work up to the drain deadline; the group must allow that long.
+        rebalance_timeout_ms=int((drain + 30) * 1000),
+        max_poll_interval_ms=int(max(300.0, drain + 60) * 1000),
+    )
+    source = KafkaSource(
+        consumer, settings.kafka_topic_list, max_in_flight=settings.ctsync_max_in_flight, revoke_timeout=drain
+    )
+    try:
+        await source.start()
+    except (KafkaError, OSError) as exc:
+        if isinstance(exc, SourceUnavailable):
+            raise
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        raise _unreachable(settings, exc) from None
+    return source
 
 
 async def open_dead_letter_source(settings: Settings, name: str) -> Source:
-    """Open a finite source over the dead letters kept at name (for `ctsync dead-letters replay`)."""
-    raise ConnectionError("the kafka adapter is not built yet")
+    """Read what waits on dead-letter topic ``name`` (group ``<KAFKA_GROUP_ID>-dead-letters``), then stop."""
+    consumer = _consumer(settings, f"{settings.kafka_group_id}-dead-letters")
+    source = KafkaSource(
+        consumer,
+        [name],
+        max_in_flight=settings.ctsync_max_in_flight,
+        revoke_timeout=settings.ctsync_drain_timeout_seconds,
+        exhaust_after_idle=DEAD_LETTER_IDLE_S,
+    )
+    source.name = "kafka-dead-letters"
+    try:
+        await source.start()
+    except (KafkaError, OSError) as exc:
+        if isinstance(exc, SourceUnavailable):
+            raise
+        raise _unreachable(settings, exc) from None
+    return source
+
+
+async def probe(settings: Settings) -> str:
+    """Check the brokers answer and every topic of KAFKA_TOPICS exists; describe what was found."""
+    consumer = AIOKafkaConsumer(**client_options(settings))
+    try:
+        await consumer.start()
+    except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        raise _unreachable(settings, exc) from None
+    try:
+        known = await consumer.topics()
+        missing = [topic for topic in settings.kafka_topic_list if topic not in known]
+        if missing:
+            raise LookupError(f"KAFKA_TOPICS: no such topic on {_servers(settings)}: {', '.join(missing)}")
+        found = ", ".join(
+            f"{topic} ({len(consumer.partitions_for_topic(topic) or ())} partitions)"
+            for topic in settings.kafka_topic_list
+        )
+        return f"Kafka at {_servers(settings)}: {found}"
+    finally:
+        await consumer.stop()
+
+
+class KafkaDeadLetterSink:
+    """Dead letters to a topic: the original value and key, with headers for the reason and the origin."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+
+    async def write(self, letters: Sequence[DeadLetter]) -> None:
+        sent = [
+            await self.producer.send(
+                self.topic, value=letter.body, key=letter.key, headers=dead_letter_headers(letter)
+            )
+            for letter in letters
+        ]
+        # Every write is acknowledged by the broker (acks=all) before the offsets behind it may be committed.
+        await asyncio.gather(*sent)
+
+    async def close(self) -> None:
+        await self.producer.stop()
+
+
+def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    headers = [
+        ("ctsync-reason", letter.reason.encode("utf-8")),
+        ("ctsync-time", letter.time.isoformat().encode("ascii")),
+        ("ctsync-source", letter.source.encode("utf-8")),
+        ("ctsync-position", letter.position.encode("utf-8")),
+    ]
+    if letter.message_key is not None:
+        headers.append(("ctsync-message-key", letter.message_key.encode("utf-8")))
+    for field in ("topic", "partition", "offset"):
+        if field in letter.source_fields:
+            headers.append((f"ctsync-source-{field}", str(letter.source_fields[field]).encode("utf-8")))
+    return headers
+
+
+async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSink:
+    producer = AIOKafkaProducer(acks="all", linger_ms=5, **client_options(settings))
+    try:
+        await producer.start()
+    except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        raise ConnectionError(
+            f"CTSYNC_DEAD_LETTER_URL: cannot reach {_servers(settings)} ({type(exc).__name__}: {exc})"
+        ) from None
+    return KafkaDeadLetterSink(producer, topic)

@@ -380,6 +380,7 @@ class Pipeline:
             time=datetime.now(UTC),
             message_key=key,
             source_fields=envelope.source_fields,
+            key=envelope.key,
         )
 
     async def _dead_letter(self, letters: list[tuple[Envelope, DeadLetter]]) -> None:

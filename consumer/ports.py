@@ -25,7 +25,8 @@ class Envelope:
     ``ack`` settles it for good (Kafka: the offset may be committed; Pub/Sub: ack); ``nack`` hands it back
     for redelivery. Both are plain callables that must not block: a source records the settlement and does
     its I/O elsewhere. ``source_fields`` are the source's own audit fields (topic, partition, offset, Pub/Sub
-    message id, delivery attempt...).
+    message id, delivery attempt...). ``key`` is the record key where the source has one (Kafka), kept so a
+    dead letter can carry it.
     """
 
     body: bytes
@@ -33,6 +34,7 @@ class Envelope:
     ack: Callable[[], None] = _nothing
     nack: Callable[[], None] = _nothing
     source_fields: Mapping[str, object] = field(default_factory=dict)
+    key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,7 @@ class DeadLetter:
     time: datetime
     message_key: str | None = None
     source_fields: Mapping[str, object] = field(default_factory=dict)
+    key: bytes | None = None
 
 
 class DeadLetterSink(Protocol):

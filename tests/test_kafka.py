@@ -1,0 +1,199 @@
+"""The Kafka source against a real broker (tansu): offsets, dead letters, crash, rebalance, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Callable
+
+import orjson
+import pytest
+from hookserver import Fault, HookServer
+from kafkaserver import Ctsync, Kafka
+
+from adapters.kafka import client_options
+from consumer.config import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def updates(count: int, entities: int, prefix: str = "p", start_version: int = 2) -> list[bytes]:
+    """``count`` ResourceUpdated payloads spread round-robin over ``entities`` products."""
+    return [
+        orjson.dumps(
+            {
+                "notificationType": "ResourceUpdated",
+                "projectKey": "acme",
+                "resource": {"typeId": "product", "id": f"{prefix}-{i % entities}"},
+                "version": i // entities + start_version,
+                "oldVersion": i // entities + start_version - 1,
+                "modifiedAt": "2026-01-01T00:00:00.000Z",
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def kafka_env(kafka: Kafka, topic: str, group: str, hook: HookServer, **extra: str) -> dict[str, str]:
+    return {
+        **hook.env(),
+        "CTSYNC_SOURCE": "kafka",
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+        "KAFKA_TOPICS": topic,
+        "KAFKA_GROUP_ID": group,
+        "CTSYNC_DRAIN_TIMEOUT_SECONDS": "10",
+        **extra,
+    }
+
+
+def acked_offsets(service: Ctsync) -> set[tuple[object, object]]:
+    """Every (partition, offset) acked, over all runs that logged to this service's file."""
+    return {(e["partition"], e["offset"]) for e in service.events("message.acked")}
+
+
+def notified_ids(hook: HookServer) -> set[str]:
+    return {external_id for _, external_id in hook.notifications}
+
+
+async def test_end_to_end_delivers_everything_and_commits_to_the_end(
+    kafka: Kafka, hook_server: HookServer, ctsync_process: Callable[..., Ctsync]
+) -> None:
+    topic = await kafka.create_topic(partitions=3)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    ends = await kafka.produce(topic, updates(300, 60))
+    assert sum(ends.values()) == 300
+    service = ctsync_process(kafka_env(kafka, topic, group, hook_server))
+    service.wait_for(lambda: len(service.events("message.acked")) >= 300, message="300 acks")
+    assert service.stop() == 0
+    assert notified_ids(hook_server) == {f"p-{i}" for i in range(60)}
+    assert hook_server.violations == 0
+    received = service.events("message.received")
+    assert {(e["topic"], e["partition"]) for e in received} == {(topic, p) for p in range(3)}
+    acked = service.events("message.acked")
+    assert all({"topic", "partition", "offset"} <= e.keys() for e in acked)
+    assert await kafka.committed(group, topic) == ends
+    # A fresh consumer in the group finds nothing new.
+    assert await kafka.read(topic, group=group, idle=2.0) == []
+
+
+async def test_poison_records_go_to_the_dead_letter_topic_without_blocking(
+    kafka: Kafka, hook_server: HookServer, ctsync_process: Callable[..., Ctsync]
+) -> None:
+    topic = await kafka.create_topic(partitions=1)
+    letters_topic = await kafka.create_topic(partitions=1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    values = [*updates(5, 5, "a"), b"not json {", *updates(5, 5, "b"), b'{"notificationType": "Nope"}']
+    ends = await kafka.produce(topic, values, key=b"the-key")
+    service = ctsync_process(
+        kafka_env(kafka, topic, group, hook_server, CTSYNC_DEAD_LETTER_URL=f"kafka://{letters_topic}")
+    )
+    service.wait_for(lambda: len(service.events("message.acked")) >= 12, message="12 acks")
+    assert service.stop() == 0
+    assert notified_ids(hook_server) == {f"a-{i}" for i in range(5)} | {f"b-{i}" for i in range(5)}
+    assert await kafka.committed(group, topic, partitions=1) == ends
+    letters = await kafka.read(letters_topic, idle=1.0, partitions=1)
+    assert [r.value for r in letters] == [b"not json {", b'{"notificationType": "Nope"}']  # type: ignore[attr-defined]
+    headers = dict(letters[0].headers)  # type: ignore[attr-defined]
+    assert letters[0].key == b"the-key"  # type: ignore[attr-defined]
+    assert headers["ctsync-source-topic"] == topic.encode()
+    assert headers["ctsync-source-partition"] == b"0"
+    assert headers["ctsync-source-offset"] == b"5"
+    assert b"JSON" in headers["ctsync-reason"] or b"json" in headers["ctsync-reason"]
+
+
+async def test_a_killed_service_loses_nothing_after_restart(
+    kafka: Kafka, hook_server_factory: Callable[..., HookServer], ctsync_process: Callable[..., Ctsync]
+) -> None:
+    # A slow hook so the kill lands mid-stream with work in flight.
+    hook = hook_server_factory(limit=10, window_seconds=1.0)
+    hook.faults.always = Fault.delay(0.2)
+    topic = await kafka.create_topic(partitions=3)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    ends = await kafka.produce(topic, updates(600, 200))
+    env = kafka_env(kafka, topic, group, hook, IPAAS_BATCH_SIZE="10")
+    first = ctsync_process(env)
+    first.wait_for(lambda: len(hook.notifications) >= 30, message="some deliveries")
+    first.kill()
+    hook.faults.always = None
+    again = ctsync_process({**env, "IPAAS_BATCH_SIZE": "100"})
+    again.wait_for(
+        lambda: len(acked_offsets(again)) == 600,
+        timeout=90,
+        message="every entity after the restart",
+    )
+    assert again.stop() == 0
+    assert notified_ids(hook) == {f"p-{i}" for i in range(200)}
+    assert await kafka.committed(group, topic) == ends
+    assert hook.violations == 0
+
+
+async def test_backpressure_pauses_partitions_and_memory_stays_flat(
+    kafka: Kafka, hook_server_factory: Callable[..., HookServer], ctsync_process: Callable[..., Ctsync]
+) -> None:
+    hook = hook_server_factory(limit=20, window_seconds=1.0)
+    topic = await kafka.create_topic(partitions=3)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    await kafka.produce(topic, updates(30_000, 30_000))
+    env = kafka_env(
+        kafka,
+        topic,
+        group,
+        hook,
+        CTSYNC_STATE_URL="memory://",
+        CTSYNC_MAX_IN_FLIGHT="500",
+        IPAAS_BATCH_SIZE="50",
+    )
+    service = ctsync_process(env)
+    service.wait_for(lambda: hook.request_count >= 20, message="first requests")
+    # Sample after the warm-up (imports, first fetch buffers, allocator arenas), over ~10 s of steady flow.
+    samples = []
+    for _ in range(20):
+        await asyncio.sleep(0.5)
+        samples.append(service.rss_kib())
+        unsettled = len(service.events("message.received")) - len(service.events("message.acked"))
+        assert unsettled <= 500
+    assert service.stop() == 0
+    received = len(service.events("message.received"))
+    assert service.events("kafka.paused"), "the partitions were never paused"
+    assert 3_000 < received < 20_000  # it kept flowing, and the backlog stayed on the broker
+    # 30,000 waiting records would be tens of MiB as envelopes; memory follows the bound instead.
+    first, second = samples[:10], samples[10:]
+    assert max(second) - max(first) < 8 * 1024, samples
+    assert hook.violations == 0
+
+
+async def test_sasl_settings_reach_aiokafka() -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    settings = load_settings(
+        None,
+        environ={
+            "CTSYNC_SOURCE": "kafka",
+            "KAFKA_BOOTSTRAP_SERVERS": "pkc-1.eu-west-1.aws.confluent.cloud:9092",
+            "KAFKA_TOPICS": "ct",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "PLAIN",
+            "KAFKA_SASL_USERNAME": "APIKEY123",
+            "KAFKA_SASL_PASSWORD": "s3cr3t-confluent",
+        },
+        for_command="run",
+    )
+    options = client_options(settings)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "PLAIN"
+    assert options["sasl_plain_username"] == "APIKEY123"
+    assert options["sasl_plain_password"] == "s3cr3t-confluent"
+    context = options["ssl_context"]
+    assert context.check_hostname and context.verify_mode.name == "CERT_REQUIRED"
+    consumer = AIOKafkaConsumer(group_id="ctsync", enable_auto_commit=False, **options)
+    client = consumer._client
+    assert client._security_protocol == "SASL_SSL"
+    assert client._sasl_plain_username == "APIKEY123"
+    assert client._sasl_plain_password == "s3cr3t-confluent"
+    assert client._ssl_context is context
+    assert "s3cr3t-confluent" not in repr(settings.summary())
+
+
+def _counts(hook: HookServer) -> Counter[str]:
+    return Counter(external_id for _, external_id in hook.notifications)
