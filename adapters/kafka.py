@@ -73,6 +73,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.source.partitions_revoked([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.source.joined = True
         self.source.log.info(
             "kafka.partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in self.source.assigned())
         )
@@ -110,6 +111,8 @@ class KafkaSource:
         self._last_commit = time.monotonic()
         self._last_record = time.monotonic()
         self._commit_lock = asyncio.Lock()
+        # Set once the group gave this member its share (possibly none, with more replicas than partitions).
+        self.joined = False
 
     async def start(self) -> None:
         self.consumer.subscribe(topics=self.topics, listener=_Rebalance(self))
@@ -127,6 +130,26 @@ class KafkaSource:
 
     def assigned(self) -> list[Partition]:
         return [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+
+    def problem(self) -> str | None:
+        """Why this source is not ready, for /readyz: not yet in the group, or the poller failed."""
+        poller = self._poller
+        if poller is not None and poller.done() and not poller.cancelled() and poller.exception() is not None:
+            return f"the Kafka poller failed: {poller.exception()!r}"
+        if not self.joined:
+            return "not yet joined the consumer group"
+        return None
+
+    def lag(self) -> dict[Partition, int]:
+        """Records between the committed offset and the end, per assigned partition (as last fetched)."""
+        found = {}
+        for tp in self.consumer.assignment():
+            partition = (tp.topic, tp.partition)
+            end = self.consumer.highwater(tp)
+            committed = self.offsets.last_committed(partition)
+            if end is not None and committed is not None:
+                found[partition] = max(0, end - committed)
+        return found
 
     # ------------------------------------------------------------------------------------ pipeline side
 

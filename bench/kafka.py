@@ -50,13 +50,18 @@ def _pipeline_bench() -> Any:
 
 def ctsync_environ(bootstrap: str, topic: str, hook: HookServer, **extra: str) -> dict[str, str]:
     return {
-        **hook.env(),
         "CTSYNC_SOURCE": "kafka",
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPICS": topic,
         "KAFKA_GROUP_ID": f"ctsync-{uuid.uuid4().hex[:8]}",
         "CTSYNC_STATE_URL": "memory://",
+        # Unthrottled unless the hook sets limits (its env() then overrides these).
+        "IPAAS_THROTTLE_LIMIT": "1000000",
+        "IPAAS_THROTTLE_SECONDS": "1",
+        "IPAAS_CONCURRENT_CONNECTIONS": "10",
+        "IPAAS_CONCURRENT_BATCH_EXECUTIONS": "10",
         "CTSYNC_DEAD_LETTER_URL": f"file:{tempfile.gettempdir()}/ctsync-bench-dead.jsonl",
+        **hook.env(),
         **extra,
     }
 

@@ -34,6 +34,7 @@ SERVICE_STOPPED: Final = "service.stopped"
 SINK_UNUSABLE: Final = "sink.unusable"
 SINK_RECOVERED: Final = "sink.recovered"
 STATE_RETRYING: Final = "state.retrying"
+STATE_RECOVERED: Final = "state.recovered"
 DEAD_LETTER_RETRYING: Final = "dead_letter.retrying"
 CONFIG_WARNING: Final = "config.warning"
 

@@ -143,6 +143,17 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    endpoints = None
+    if command == "run" and not finite:
+        from adapters.endpoints import open_endpoints
+
+        try:
+            endpoints = await open_endpoints(settings.http_listen, built.pipeline, source)
+        except OSError as exc:
+            await built.aclose()
+            log.error(audit.SERVICE_STOPPED, command=command, error=str(exc))
+            click.echo(f"ctsync: {exc}", err=True)
+            return EXIT_FAILURE
     started = time.monotonic()
     log.info(audit.SERVICE_STARTED, command=command, source=source.name, **settings.summary())
     code = EXIT_OK
@@ -156,6 +167,8 @@ async def _serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if endpoints is not None:
+            await endpoints.close()
         await built.aclose()
     counts_dict = built.pipeline.counts.as_dict()
     fields: dict[str, Any] = {

@@ -63,6 +63,10 @@ class PartitionOffsets:
     def committed(self, offset: int) -> None:
         self._committed = offset
 
+    @property
+    def last_committed(self) -> int | None:
+        return self._committed
+
 
 class OffsetTracker(Generic[PartitionT]):
     """``PartitionOffsets`` for every partition this consumer reads."""
@@ -102,6 +106,10 @@ class OffsetTracker(Generic[PartitionT]):
             tracked = self._partitions.get(partition)
             if tracked is not None:
                 tracked.committed(offset)
+
+    def last_committed(self, partition: PartitionT) -> int | None:
+        tracked = self._partitions.get(partition)
+        return tracked.last_committed if tracked is not None else None
 
     def __contains__(self, partition: object) -> bool:
         return partition in self._partitions

@@ -11,6 +11,7 @@ Nothing is acked before its notification was accepted or it was dead-lettered wi
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import time
 import uuid
@@ -84,6 +85,7 @@ class PipelineOptions:
 @dataclass(slots=True)
 class Counts:
     received: int = 0
+    routed: int = 0
     invalid: int = 0
     ignored: int = 0
     duplicate: int = 0
@@ -103,10 +105,37 @@ class Counts:
 
 @dataclass(slots=True)
 class Health:
-    """What readiness reports: whether the sink takes our notifications (not after a 401/403)."""
+    """What readiness reports: whether the sink takes our notifications (not after a 401/403) and whether
+    the state store answers."""
 
     sink_usable: bool = True
     sink_problem: str = ""
+    state_problem: str = ""
+
+
+class LatencyHistogram:
+    """Cumulative-bucket counts of durations in seconds, cheap enough to observe every hook request."""
+
+    BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, buckets: Sequence[float] = BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """Return ``(upper bound, observations at or below it)`` pairs, the last bound being infinity."""
+        total, out = 0, []
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 class Pipeline:
@@ -137,6 +166,7 @@ class Pipeline:
         self.clock = clock
         self.counts = Counts()
         self.health = Health()
+        self.batch_latency = LatencyHistogram()
         self.outbox: Outbox[Envelope] = Outbox()
         self.holder = f"ctsync-{uuid.uuid4().hex[:12]}"
         limits = throttle.limits
@@ -238,7 +268,12 @@ class Pipeline:
         try:
             while not self._stopping.is_set():
                 room = self.options.max_in_flight - len(self._unsettled)
-                if room <= 0 or not self._sink_ok.is_set():
+                if (
+                    room <= 0
+                    or not self._sink_ok.is_set()
+                    or self.throttle.store_problem is not None
+                    or self.health.state_problem
+                ):
                     self._intake_blocked = True
                     self._changed.set()
                     self._room.clear()
@@ -315,6 +350,7 @@ class Pipeline:
             await self._dead_letter(letters)
         if not routed:
             return
+        self.counts.routed += len(routed)
         judgements = await self._with_store_retry(
             lambda: self.deduplicator.judge_many([(e, r.action is Action.DELETED) for _, e, r in routed]),
             "dedupe lookup",
@@ -406,9 +442,10 @@ class Pipeline:
         attempt = 0
         while True:
             try:
-                return await call()
+                result = await call()
             except Exception as exc:
                 attempt += 1
+                self.health.state_problem = f"{what}: {type(exc).__name__}: {exc}"
                 delay = backoff_delay(attempt, self.options.retry_base, self.options.store_retry_cap)
                 self.log.warning(
                     event,
@@ -418,6 +455,30 @@ class Pipeline:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 await asyncio.sleep(delay)
+                continue
+            if attempt:
+                self.health.state_problem = ""
+                self.log.info(audit.STATE_RECOVERED, operation=what, attempts=attempt)
+            return result
+
+    # ------------------------------------------------------------------------------------------ status
+
+    @property
+    def unsettled_count(self) -> int:
+        """Envelopes received and not yet acked or handed back (the in-flight gauge)."""
+        return len(self._unsettled)
+
+    def problems(self) -> list[str]:
+        """Return why this instance is not ready (empty when it is): sink, state or dead-letter store, shared
+        throttle."""
+        found = []
+        if not self.health.sink_usable:
+            found.append(f"sink: {self.health.sink_problem}")
+        if self.health.state_problem:
+            found.append(self.health.state_problem)
+        if self.throttle.store_problem is not None:
+            found.append(f"throttle store: {self.throttle.store_problem}")
+        return found
 
     # ----------------------------------------------------------------------------------------- dispatch
 
@@ -485,6 +546,7 @@ class Pipeline:
         correlation_id = str(uuid.uuid4())
         notifications = [entry.notification(self.options.debug) for entry in entries]
         response = await self.sink.send(notifications, correlation_id)
+        self.batch_latency.observe(response.duration_ms / 1000)
         self.counts.requests += 1
         status_label = str(response.status) if response.status is not None else "error"
         self.counts.requests_by_status[status_label] = self.counts.requests_by_status.get(status_label, 0) + 1

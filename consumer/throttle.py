@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from consumer import audit
 from consumer.ports import Slot, ThrottleStore
 
 _T = TypeVar("_T")
@@ -201,6 +203,10 @@ class Throttle:
 
     Counters for metrics: ``wait_seconds`` / ``batch_wait_seconds`` (time spent waiting for a request slot /
     a batch slot, timed-out waits included) and ``requests_started`` / ``batches_started``.
+
+    A shared store can fail (Redis down). Then nobody may start a request, because the budget is shared and
+    a local guess could exceed it: acquisition keeps retrying with backoff while ``store_problem`` says why,
+    and a failed release is left to the store's lease expiry.
     """
 
     def __init__(
@@ -210,9 +216,15 @@ class Throttle:
         *,
         poll_cap: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        retry_cap: float = 30.0,
+        log: Any = None,
     ) -> None:
         assert poll_cap > 0, "poll_cap must be positive"
         self.store = store
+        self.retry_cap = retry_cap
+        self.log = log if log is not None else audit.get_logger()
+        self.store_problem: str | None = None
+        self._store_failures = 0
         self._limits = limits
         self.poll_cap = poll_cap
         self.clock = clock
@@ -268,7 +280,11 @@ class Throttle:
 
     async def pause(self, seconds: float) -> None:
         """Let no request start for ``seconds`` (a 429's ``Retry-After``); an existing longer pause stays."""
-        await self.store.pause(seconds)
+        try:
+            await self.store.pause(seconds)
+        except Exception as exc:
+            # The caller waits out the delay itself; other holders learn of the 429 from their own answers.
+            self._store_failed("throttle pause", exc)
 
     async def _acquire(self, slot: Slot, holder: str, timeout: float | None) -> None:  # noqa: ASYNC109
         started = self.clock()
@@ -277,7 +293,14 @@ class Throttle:
                 while True:
                     # Taken before polling, so a release that lands during the poll still wakes us.
                     released = self._release_signal(slot)
-                    hint = await self._try_acquire(slot, holder)
+                    try:
+                        hint = await self._try_acquire(slot, holder)
+                    except Exception as exc:
+                        hint = self._store_failed("throttle acquire", exc)
+                        await asyncio.sleep(hint)
+                        continue
+                    if self.store_problem is not None:
+                        self._store_recovered()
                     if hint <= 0.0:
                         return
                     await asyncio.wait((released,), timeout=min(hint, self.poll_cap))
@@ -298,12 +321,36 @@ class Throttle:
         return hint
 
     async def _release(self, slot: Slot, holder: str) -> None:
+        cancellation: asyncio.CancelledError | None = None
         try:
             _, cancellation = await _complete(self.store.release(slot, holder))
+        except Exception as exc:
+            # A shared store expires the lease of a slot nobody could give back.
+            self._store_failed("throttle release", exc)
         finally:
             self._wake(slot)
         if cancellation is not None:
             raise cancellation
+
+    def _store_failed(self, operation: str, exc: Exception) -> float:
+        """Record a store failure; return how long to wait before trying again (backoff with jitter)."""
+        self._store_failures += 1
+        ceiling = min(self.retry_cap, 0.5 * 2.0 ** min(self._store_failures - 1, 16))
+        delay = ceiling / 2 + random.random() * ceiling / 2
+        self.store_problem = f"{operation}: {type(exc).__name__}: {exc}"
+        self.log.warning(
+            audit.STATE_RETRYING,
+            operation=operation,
+            attempt=self._store_failures,
+            delay_s=round(delay, 3),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return delay
+
+    def _store_recovered(self) -> None:
+        self.log.info(audit.STATE_RECOVERED, operation="throttle", attempts=self._store_failures)
+        self.store_problem = None
+        self._store_failures = 0
 
     def _release_signal(self, slot: Slot) -> asyncio.Future[None]:
         signal = self._released.get(slot)

@@ -7,10 +7,12 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 
+import httpx
 import orjson
 import pytest
 from hookserver import Fault, HookServer
 from kafkaserver import Ctsync, Kafka
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.kafka import client_options
 from consumer.config import load_settings
@@ -65,6 +67,17 @@ async def test_end_to_end_delivers_everything_and_commits_to_the_end(
     assert sum(ends.values()) == 300
     service = ctsync_process(kafka_env(kafka, topic, group, hook_server))
     service.wait_for(lambda: len(service.events("message.acked")) >= 300, message="300 acks")
+    endpoints = f"http://{service.env['CTSYNC_HTTP_LISTEN']}"
+    async with httpx.AsyncClient(base_url=endpoints, timeout=5) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        scraped = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families((await client.get("/metrics")).text)
+            for sample in family.samples
+        }
+    assert scraped[("ctsync_messages_acked_total", ())] == 300
+    lagging = {dict(labels)["partition"] for name, labels in scraped if name == "ctsync_kafka_consumer_lag"}
+    assert lagging <= {"0", "1", "2"}
     assert service.stop() == 0
     assert notified_ids(hook_server) == {f"p-{i}" for i in range(60)}
     assert hook_server.violations == 0

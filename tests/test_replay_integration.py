@@ -281,6 +281,7 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, hook_server: HookServer) -> 
         CTSYNC_SOURCE=f"file:{path}",
         CTSYNC_STATE_URL=f"sqlite:///{tmp_path}/state.db",
         CTSYNC_DEAD_LETTER_URL=f"file:{tmp_path}/dead.jsonl",
+        CTSYNC_HTTP_LISTEN="127.0.0.1:0",
     )
     proc = subprocess.Popen(
         [*CTSYNC, "run", "--follow"],

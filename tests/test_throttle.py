@@ -580,3 +580,53 @@ async def test_local_store_reads_its_clock() -> None:
 
 def throttle_limits_of(throttle: Throttle) -> ThrottleLimits:
     return throttle.limits
+
+
+class _FlakyStore(LocalThrottleStore):
+    """A store that fails its first ``failures`` calls, like a shared store whose server is down."""
+
+    def __init__(self, limits: ThrottleLimits, failures: int) -> None:
+        super().__init__(limits)
+        self.failures = failures
+
+    def _maybe_fail(self) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("redis: connection refused")
+
+    async def try_acquire(self, slot: Slot, holder: str) -> float:
+        self._maybe_fail()
+        return await super().try_acquire(slot, holder)
+
+    async def release(self, slot: Slot, holder: str) -> None:
+        self._maybe_fail()
+        await super().release(slot, holder)
+
+
+async def test_a_failing_store_is_retried_and_reported_never_bypassed() -> None:
+    limits = ThrottleLimits(limit=10, window_seconds=1.0, connections=1, batch_executions=1)
+    store = _FlakyStore(limits, failures=3)
+    throttle = Throttle(store, limits, retry_cap=0.02)
+    problems: list[str | None] = []
+
+    async def watch() -> None:
+        while True:
+            problems.append(throttle.store_problem)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    async with throttle.request("a"):
+        pass
+    watcher.cancel()
+    assert any(p and "ConnectionError" in p for p in problems)
+    assert throttle.store_problem is None
+    assert throttle.requests_started == 1
+
+
+async def test_a_failed_release_is_left_to_the_lease_and_does_not_raise() -> None:
+    limits = ThrottleLimits(limit=10, window_seconds=1.0, connections=1, batch_executions=1)
+    store = _FlakyStore(limits, failures=0)
+    throttle = Throttle(store, limits, retry_cap=0.02)
+    async with throttle.batch_execution("a"):
+        store.failures = 1
+    assert throttle.store_problem is not None and "release" in throttle.store_problem

@@ -1,0 +1,211 @@
+"""The operations endpoints on ``CTSYNC_HTTP_LISTEN``: ``/healthz``, ``/readyz`` and ``/metrics``.
+
+``/healthz`` answers while the event loop does (liveness). ``/readyz`` answers 503 with the reasons while the
+source is not connected, the hook refused our key, or the state or shared throttle store is down.
+``/metrics`` is the Prometheus text format, collected at scrape time from the pipeline's own counters, so the
+hot path pays nothing for it. Every label has a bounded set of values: HTTP statuses, outcomes, Kafka
+topic/partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Generator, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import uvicorn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from consumer.config import ListenAddress
+from consumer.pipeline import Pipeline
+from consumer.ports import Source
+
+
+@runtime_checkable
+class SourceStatus(Protocol):
+    """What a source may tell the endpoints: why it is not ready, and consumer lag per partition."""
+
+    def problem(self) -> str | None: ...
+
+
+@runtime_checkable
+class SourceLag(Protocol):
+    def lag(self) -> Mapping[tuple[str, int], int]: ...
+
+
+# (metric name, help, Counts field)
+_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("ctsync_messages_received", "Envelopes the source yielded.", "received"),
+    ("ctsync_messages_routed", "Parsed messages routed to an iPaaS.com scope.", "routed"),
+    ("ctsync_messages_invalid", "Payloads that failed to parse (dead-lettered).", "invalid"),
+    ("ctsync_messages_ignored", "Test notifications, echoes and unrouted types.", "ignored"),
+    ("ctsync_messages_duplicate", "Messages whose key was already delivered.", "duplicate"),
+    ("ctsync_messages_stale", "Messages at or below the resource's delivered version.", "stale"),
+    ("ctsync_notifications_coalesced", "Messages merged into a pending notification.", "coalesced"),
+    ("ctsync_notifications_sent", "Notifications the hook accepted.", "notifications_sent"),
+    ("ctsync_messages_dead_lettered", "Messages written to the dead-letter sink.", "dead_lettered"),
+    ("ctsync_batch_retries", "Hook requests that will be retried.", "retries"),
+    ("ctsync_messages_acked", "Envelopes acked (offset committable / Pub/Sub ack).", "acked"),
+    ("ctsync_messages_handed_back", "Envelopes handed back for redelivery at shutdown.", "handed_back"),
+)
+
+
+class PipelineCollector:
+    """A Prometheus collector that reads a running pipeline (and its source) when scraped."""
+
+    def __init__(self, pipeline: Pipeline, source: Source) -> None:
+        self.pipeline = pipeline
+        self.source = source
+
+    def collect(self) -> Iterable[Metric]:
+        pipeline = self.pipeline
+        counts = pipeline.counts
+        for name, documentation, field in _COUNTERS:
+            yield CounterMetricFamily(name, documentation, value=getattr(counts, field))
+        requests = CounterMetricFamily(
+            "ctsync_hook_requests", "Hook requests by HTTP status ('error': no answer).", labels=["status"]
+        )
+        for status, count in sorted(counts.requests_by_status.items()):
+            requests.add_metric([status], count)
+        yield requests
+        latency = pipeline.batch_latency
+        yield HistogramMetricFamily(
+            "ctsync_batch_duration_seconds",
+            "Duration of hook requests.",
+            buckets=[(_bound(b), float(n)) for b, n in latency.cumulative()],
+            sum_value=latency.sum,
+        )
+        throttle = pipeline.throttle
+        yield CounterMetricFamily(
+            "ctsync_throttle_wait_seconds",
+            "Time spent waiting for a request slot.",
+            value=throttle.wait_seconds,
+        )
+        yield CounterMetricFamily(
+            "ctsync_batch_slot_wait_seconds",
+            "Time spent waiting for a batch-execution slot.",
+            value=throttle.batch_wait_seconds,
+        )
+        yield GaugeMetricFamily(
+            "ctsync_in_flight_envelopes",
+            "Envelopes received and not yet settled.",
+            value=pipeline.unsettled_count,
+        )
+        yield GaugeMetricFamily(
+            "ctsync_outbox_pending", "Notifications waiting in the outbox.", value=len(pipeline.outbox)
+        )
+        yield GaugeMetricFamily(
+            "ctsync_ready", "1 when /readyz answers 200.", value=0 if problems(self) else 1
+        )
+        if isinstance(self.source, SourceLag):
+            lag = GaugeMetricFamily(
+                "ctsync_kafka_consumer_lag",
+                "Records between the committed offset and the partition's end.",
+                labels=["topic", "partition"],
+            )
+            for (topic, partition), records in sorted(self.source.lag().items()):
+                lag.add_metric([topic, str(partition)], records)
+            yield lag
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def problems(collector: PipelineCollector) -> list[str]:
+    found = []
+    if isinstance(collector.source, SourceStatus):
+        problem = collector.source.problem()
+        if problem:
+            found.append(f"source: {problem}")
+    return found + collector.pipeline.problems()
+
+
+def endpoints_app(pipeline: Pipeline, source: Source) -> Starlette:
+    collector = PipelineCollector(pipeline, source)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        found = problems(collector)
+        if found:
+            return JSONResponse({"status": "not ready", "problems": found}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ]
+    )
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our event loop, without its own signal handlers: the CLI owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Endpoints:
+    """The endpoints server: ``start`` binds (raising OSError if it cannot), ``close`` stops it."""
+
+    def __init__(self, app: Any, listen: ListenAddress) -> None:
+        config = uvicorn.Config(
+            app, host=listen.host, port=listen.port, log_level="warning", access_log=False, lifespan="off"
+        )
+        self.server = EmbeddedServer(config)
+        self.listen = listen
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+
+    async def start(self) -> None:
+        # Bound here so a taken port is an OSError at start (uvicorn's own binding would exit the process).
+        host = self.listen.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, self.listen.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"CTSYNC_HTTP_LISTEN: cannot listen on {self.listen}: {exc.strerror}") from None
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="ctsync-endpoints")
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError(f"CTSYNC_HTTP_LISTEN: the endpoints on {self.listen} did not start")
+            await asyncio.sleep(0.01)
+        self._socket = sock
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self._task
+        self._task = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+async def open_endpoints(listen: ListenAddress, pipeline: Pipeline, source: Source) -> Endpoints:
+    endpoints = Endpoints(endpoints_app(pipeline, source), listen)
+    await endpoints.start()
+    return endpoints
