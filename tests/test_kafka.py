@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 from hookserver import Fault, HookServer
-from kafkaserver import Ctsync, Kafka
+from kafkaserver import CTSYNC, Ctsync, Kafka
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.kafka import client_options
@@ -247,3 +249,32 @@ async def test_sasl_settings_reach_aiokafka() -> None:
 
 def _counts(hook: HookServer) -> Counter[str]:
     return Counter(external_id for _, external_id in hook.notifications)
+
+
+async def test_dead_letters_on_a_topic_are_replayed_after_a_fix(
+    kafka: Kafka, hook_server: HookServer, ctsync_process: Callable[..., Ctsync], tmp_path: Path
+) -> None:
+    topic = await kafka.create_topic(partitions=1)
+    letters_topic = await kafka.create_topic(partitions=1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    await kafka.produce(topic, [*updates(4, 4, "ok"), *updates(1, 1, "bad")])
+    hook_server.reject("bad-0")
+    env = kafka_env(kafka, topic, group, hook_server, CTSYNC_DEAD_LETTER_URL=f"kafka://{letters_topic}")
+    service = ctsync_process(env)
+    service.wait_for(lambda: len(service.events("message.acked")) >= 5, message="5 acks")
+    assert service.stop() == 0
+    assert "bad-0" not in notified_ids(hook_server)
+    hook_server.reject_external_ids = set()  # the fix
+    environ = {**service.env, "CTSYNC_DEAD_LETTER_URL": f"file:{tmp_path}/again.jsonl"}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*CTSYNC, "dead-letters", "replay", "--reason", "rejected", f"kafka://{letters_topic}"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "bad-0" in notified_ids(hook_server)
+    assert not (tmp_path / "again.jsonl").exists()
