@@ -23,6 +23,7 @@ from typing import Any, Final, Self
 import httpx
 import orjson
 
+from adapters._text import USER_AGENT, Secret, one_line
 from consumer.config import Settings
 
 DEFAULT_TIMEOUT: Final = 30.0
@@ -93,30 +94,12 @@ class Token:
         return f"Token(<redacted>, scopes={self.scopes!r}, expires_in={self.expires_in:g})"
 
 
-class _Secret:
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-
-def _one_line(text: str, limit: int = _MESSAGE_LIMIT) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
     """Return (message, error codes) from a commercetools error body, or the reason phrase."""
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        return _one_line(response.text) or response.reason_phrase, []
+        return one_line(response.text, _MESSAGE_LIMIT) or response.reason_phrase, []
     if not isinstance(body, dict):
         return response.reason_phrase, []
     codes = [
@@ -128,7 +111,7 @@ def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
     if isinstance(body.get("error"), str) and body["error"] not in codes:
         codes.insert(0, body["error"])
     message = body.get("message") or body.get("error_description") or response.reason_phrase
-    return _one_line(str(message)), codes
+    return one_line(str(message), _MESSAGE_LIMIT), codes
 
 
 def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -162,7 +145,7 @@ class TokenManager:
         self._client = client
         self._url = auth_url.rstrip("/") + "/oauth/token"
         self._client_id = client_id
-        self._secret = _Secret(client_secret)
+        self._secret = Secret(client_secret)
         self._scopes = tuple(scopes)
         self._clock = clock
         self._timeout = timeout
@@ -287,7 +270,7 @@ class CommercetoolsClient:
         self._backoff_cap = backoff_cap
         self._sleep = sleep
         self._client = httpx.AsyncClient(
-            headers={"User-Agent": _user_agent(), "Accept": "application/json"},
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=False,
             transport=transport,
@@ -492,44 +475,3 @@ class CommercetoolsClient:
                 method=method,
                 path=display,
             )
-
-
-def _user_agent() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"ctsync/{version('ctsync')}"
-    except PackageNotFoundError:
-        return "ctsync/unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class HookProbe:
-    """What the hook answered to ``probe_hook``: ``status`` None when nothing arrived."""
-
-    status: int | None
-    detail: str
-
-
-async def probe_hook(url: str, api_key: str, *, seconds: float = 10.0) -> HookProbe:
-    """POST ``{"notifications": []}`` to the hook with the webhook key, the request ``ctsync check`` uses.
-
-    An empty batch names no record, so iPaaS.com has nothing to queue or fetch: it tests the URL and the key
-    without creating work. (It does count once against the subscription's throttle window.)
-    """
-    headers = {
-        "Authorization": f"Bearer {api_key}",
-        "Content-Type": "application/json",
-        "x-correlation-id": f"ctsync-check-{uuid.uuid4()}",
-        "User-Agent": _user_agent(),
-    }
-    async with httpx.AsyncClient(timeout=seconds, follow_redirects=False) as client:
-        try:
-            async with asyncio.timeout(seconds):
-                response = await client.post(url, content=b'{"notifications":[]}', headers=headers)
-        except (httpx.TransportError, TimeoutError) as exc:
-            return HookProbe(None, f"no response: {type(exc).__name__}")
-    detail = _one_line(response.text, 160) or response.reason_phrase
-    if len(api_key) >= 8:
-        detail = detail.replace(api_key, "<redacted>")
-    return HookProbe(response.status_code, detail)

@@ -14,14 +14,16 @@ import contextlib
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from importlib.metadata import PackageNotFoundError, version
 
 import httpx
 import orjson
 
+from adapters._text import USER_AGENT, Secret, one_line
 from consumer.ports import HookResponse
 from consumer.routing import Notification
 
@@ -30,16 +32,6 @@ _SNIPPET_READ_LIMIT = 4096
 _CONNECT_TIMEOUT_CAP = 10.0
 _MIN_REDACTED_KEY = 8
 _DELTA_SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def _user_agent() -> str:
-    try:
-        return f"ctsync/{version('ctsync')}"
-    except PackageNotFoundError:
-        return "ctsync/unknown"
-
-
-USER_AGENT = _user_agent()
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -64,25 +56,10 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-class _Secret:
-    """A string that no repr shows."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-
 class _BearerAuth(httpx.Auth):
     """Set ``Authorization: Bearer <key>`` on each request; its repr never shows the key."""
 
-    def __init__(self, key: _Secret) -> None:
+    def __init__(self, key: Secret) -> None:
         self._key = key
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -91,11 +68,6 @@ class _BearerAuth(httpx.Auth):
 
     def __repr__(self) -> str:
         return "_BearerAuth(<redacted>)"
-
-
-def _one_line(text: str, limit: int = DETAIL_LIMIT) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _transport_detail(exc: httpx.TransportError) -> str:
@@ -137,7 +109,7 @@ class HttpHookSink:
         self._url = httpx.URL(url)
         if self._url.scheme not in ("http", "https") or not self._url.host:
             raise ValueError("the hook URL must be an absolute http(s) URL")
-        self._key = _Secret(api_key)
+        self._key = Secret(api_key)
         self._timeout = timeout
         self._max_connections = max_connections
         self._client = httpx.AsyncClient(
@@ -201,7 +173,7 @@ class HttpHookSink:
         except httpx.DecodingError:
             return f"{response.reason_phrase} (undecodable body)"
         text = b"".join(chunks)[:_SNIPPET_READ_LIMIT].decode("utf-8", errors="replace")
-        return _one_line(text) or response.reason_phrase
+        return one_line(text, DETAIL_LIMIT) or response.reason_phrase
 
     def _redact(self, text: str) -> str:
         # A key this short cannot be hidden by replacing it without mangling ordinary words.
@@ -234,3 +206,35 @@ class DryRunSink:
 
     def __repr__(self) -> str:
         return "DryRunSink()"
+
+
+@dataclass(frozen=True, slots=True)
+class HookProbe:
+    """What the hook answered to ``probe_hook``: ``status`` None when nothing arrived."""
+
+    status: int | None
+    detail: str
+
+
+async def probe_hook(url: str, api_key: str, *, seconds: float = 10.0) -> HookProbe:
+    """POST ``{"notifications": []}`` to the hook with the webhook key, the request ``ctsync check`` uses.
+
+    An empty batch names no record, so iPaaS.com has nothing to queue or fetch: it tests the URL and the key
+    without creating work. (It does count once against the subscription's throttle window.)
+    """
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "x-correlation-id": f"ctsync-check-{uuid.uuid4()}",
+        "User-Agent": USER_AGENT,
+    }
+    async with httpx.AsyncClient(timeout=seconds, follow_redirects=False) as client:
+        try:
+            async with asyncio.timeout(seconds):
+                response = await client.post(url, content=b'{"notifications":[]}', headers=headers)
+        except (httpx.TransportError, TimeoutError) as exc:
+            return HookProbe(None, f"no response: {type(exc).__name__}")
+    detail = one_line(response.text, 160) or response.reason_phrase
+    if len(api_key) >= 8:
+        detail = detail.replace(api_key, "<redacted>")
+    return HookProbe(response.status_code, detail)

@@ -402,7 +402,7 @@ async def _hook_check(settings: Settings) -> CheckResult:
         )
     if settings.ipaas_webhook_api_key is None:
         return skip("hook", "not run: IPAAS_WEBHOOK_API_KEY is not set")
-    from adapters.commercetools import probe_hook
+    from adapters.ipaas import probe_hook
 
     answer = await probe_hook(
         settings.ipaas_hook_url, settings.ipaas_webhook_api_key.get_secret_value(), seconds=PROBE_SECONDS
