@@ -50,10 +50,20 @@ async def state_store(settings: Settings) -> StateStore:
         store = SqliteStateStore(state.path)
         await store.open()
         return store
+    if state.kind == "redis":
+        from adapters.state_redis import open_state_store
+
+        # Unchecked: a replica starts while Redis is down and reports not-ready until it answers.
+        return await open_state_store(settings, check=False)
     raise UnsupportedSetting(f"CTSYNC_STATE_URL: {state.kind} state is not supported by this build yet")
 
 
-def throttle_store(settings: Settings) -> ThrottleStore:
+async def throttle_store(settings: Settings) -> ThrottleStore:
+    """The throttle budget: shared by every replica through Redis with Redis state, else this process's."""
+    if settings.state.kind == "redis":
+        from adapters.throttle_redis import open_throttle_store
+
+        return await open_throttle_store(settings, throttle_limits(settings), check=False)
     return LocalThrottleStore(throttle_limits(settings))
 
 
@@ -140,7 +150,7 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
     try:
         resources.push_async_callback(source.close)
         limits = throttle_limits(settings)
-        throttle_port = throttle_store(settings)
+        throttle_port = await throttle_store(settings)
         resources.push_async_callback(throttle_port.close)
         store = await state_store(settings)
         resources.push_async_callback(store.close)

@@ -1,0 +1,226 @@
+"""Dedupe state in Redis, shared by every replica: delivered keys and watermarks, each with a TTL.
+
+Keys live under a prefix derived from the commercetools project key and the hook URL (``key_prefix``), so
+two deployments can share one Redis. The prefix's hash is a Redis Cluster hash tag (``ctsync:{...}:``): all
+keys of a deployment sit in one slot, which lets one script touch any of them.
+
+One round trip per port call, whatever the batch size: ``lookup`` is one ``MGET`` over the message keys and
+the watermark keys; ``record_delivered`` is one script that sets the keys and raises the watermarks (never
+lowers them) atomically. ``round_trips`` counts the calls, for the scale benchmark.
+
+Every Redis failure surfaces as ``StoreUnavailable``, a builtin ``ConnectionError``, within the client's
+timeouts: the core then stops taking work and reports not-ready rather than hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from consumer.config import display_url
+from consumer.ports import StateView
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
+
+# Every command gives up after this long without an answer (a hung or unreachable Redis).
+SOCKET_TIMEOUT: Final = 2.0
+CONNECT_TIMEOUT: Final = 2.0
+# The whole call, retry included, is bounded too: a belt over the client's own timeouts.
+CALL_TIMEOUT: Final = 5.0
+
+_KEY: Final = b"k:"
+_WATERMARK: Final = b"w:"
+
+# KEYS: message keys then watermark keys; ARGV[1]: TTL in ms, ARGV[2]: how many KEYS are message keys,
+# ARGV[3...]: the rank of each watermark key, in order. A watermark only moves up; a write refreshes its TTL.
+_RECORD_DELIVERED: Final = """
+local ttl = ARGV[1]
+local count = tonumber(ARGV[2])
+for i = 1, count do
+    redis.call('SET', KEYS[i], '1', 'PX', ttl)
+end
+-- Ranks stay strings as given: a Lua number would print large ones in exponent notation.
+for i = count + 1, #KEYS do
+    local rank = ARGV[i - count + 2]
+    local current = redis.call('GET', KEYS[i])
+    if current and tonumber(current) > tonumber(rank) then
+        rank = current
+    end
+    redis.call('SET', KEYS[i], rank, 'PX', ttl)
+end
+return #KEYS
+"""
+
+
+class StoreUnavailable(ConnectionError):
+    """Redis did not answer (down, unreachable, timed out, refused the credentials, out of memory).
+
+    The message names CTSYNC_STATE_URL and the Redis address without credentials, never a password.
+    """
+
+
+def key_prefix(project_key: str | None, hook_url: str | None) -> str:
+    """Return the key prefix of one deployment: ``ctsync:{<12 hex>}:`` from project key and hook URL.
+
+    The braces make the hash a Redis Cluster hash tag, so a deployment's keys share one slot.
+    """
+    identity = f"{project_key or ''}|{(hook_url or '').rstrip('/')}"
+    return f"ctsync:{{{hashlib.sha1(identity.encode()).hexdigest()[:12]}}}:"
+
+
+def settings_prefix(settings: Settings) -> str:
+    """Return the key prefix for these settings (see ``key_prefix``)."""
+    return key_prefix(settings.ctp_project_key, settings.ipaas_hook_url)
+
+
+def _scrub(text: str, password: str | None) -> str:
+    return text.replace(password, "[redacted]") if password else text
+
+
+def describe_failure(url: str, error: BaseException, password: str | None = None) -> str:
+    """Return an operator's line for a Redis failure: variable, address without credentials, cause."""
+    detail = _scrub(str(error), password) or type(error).__name__
+    return f"CTSYNC_STATE_URL: Redis at {display_url(url)} is unavailable: {type(error).__name__}: {detail}"
+
+
+def redis_client(
+    url: str,
+    *,
+    socket_timeout: float = SOCKET_TIMEOUT,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> aioredis.Redis:
+    """Return a client for ``url`` whose every command fails fast rather than hanging.
+
+    One immediate retry lets a pooled connection that a Redis restart closed reconnect transparently.
+    """
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+    )
+    return client
+
+
+class RedisGuard:
+    """Turn any Redis failure or overlong call into ``StoreUnavailable`` and count round trips."""
+
+    def __init__(self, url: str, password: str | None, call_timeout: float = CALL_TIMEOUT) -> None:
+        self.url = url
+        self._password = password
+        self.call_timeout = call_timeout
+        self.round_trips = 0
+
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        """Bound one round trip in time and translate its failure."""
+        self.round_trips += 1
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                yield
+        except (RedisError, OSError, TimeoutError) as error:
+            raise StoreUnavailable(describe_failure(self.url, error, self._password)) from None
+
+
+async def ping(client: aioredis.Redis, guard: RedisGuard) -> None:
+    """Check that Redis answers; raise ``StoreUnavailable`` otherwise."""
+    async with guard.call():
+        await client.ping()
+
+
+class RedisStateStore:
+    """Delivered keys and watermarks in Redis, one round trip per call; shared by every replica."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        *,
+        url: str = "redis://",
+        password: str | None = None,
+        call_timeout: float = CALL_TIMEOUT,
+        owns_client: bool = True,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix.encode()
+        self.guard = RedisGuard(url, password, call_timeout)
+        self._owns_client = owns_client
+        self._record = client.register_script(_RECORD_DELIVERED)
+
+    @property
+    def round_trips(self) -> int:
+        """Return how many Redis round trips this store made (one per lookup, one per record)."""
+        return self.guard.round_trips
+
+    def _key(self, kind: bytes, name: str) -> bytes:
+        return self.prefix + kind + name.encode()
+
+    async def ping(self) -> None:
+        """Check that Redis answers; raise ``StoreUnavailable`` otherwise."""
+        await ping(self.client, self.guard)
+
+    async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
+        """Return which keys were delivered and the resources' watermarks, with one ``MGET``."""
+        keys, resources = list(message_keys), list(resource_keys)
+        if not keys and not resources:
+            return StateView(frozenset(), {})
+        names = [self._key(_KEY, key) for key in keys] + [self._key(_WATERMARK, r) for r in resources]
+        async with self.guard.call():
+            values = await self.client.mget(names)
+        delivered = frozenset(
+            key for key, value in zip(keys, values[: len(keys)], strict=True) if value is not None
+        )
+        watermarks = {
+            resource: int(value)
+            for resource, value in zip(resources, values[len(keys) :], strict=True)
+            if value is not None
+        }
+        return StateView(delivered, watermarks)
+
+    async def record_delivered(
+        self, message_keys: Collection[str], watermarks: Mapping[str, int], ttl_seconds: float
+    ) -> None:
+        """Remember keys and raise watermarks (never lower them), atomically, with one script call."""
+        keys = [self._key(_KEY, key) for key in message_keys]
+        if not keys and not watermarks:
+            return
+        names = keys + [self._key(_WATERMARK, resource) for resource in watermarks]
+        ttl_ms = max(int(ttl_seconds * 1000), 1)
+        args: list[int] = [ttl_ms, len(keys), *(int(rank) for rank in watermarks.values())]
+        async with self.guard.call():
+            await self._record(keys=names, args=args)
+
+    async def close(self) -> None:
+        """Close the client (when this store made it)."""
+        if self._owns_client:
+            await self.client.aclose()
+
+
+async def open_state_store(settings: Settings, *, check: bool = True) -> RedisStateStore:
+    """Return the state store on CTSYNC_STATE_URL's Redis; raise ``StoreUnavailable`` if it does not answer.
+
+    ``check=False`` skips the PING: the service can then start while Redis is down, report not-ready, and
+    let its retries find Redis (every call raises ``StoreUnavailable`` until then).
+    """
+    state = settings.state
+    assert state.kind == "redis", "open_state_store needs a redis:// CTSYNC_STATE_URL"
+    client = redis_client(state.url)
+    store = RedisStateStore(client, settings_prefix(settings), url=state.url, password=state.password)
+    if not check:
+        return store
+    try:
+        await store.ping()
+    except BaseException:
+        await store.close()
+        raise
+    return store
