@@ -431,3 +431,105 @@ def ct_proxy(ct_proxy_factory: Any) -> CtProxy:
 def project_key() -> str:
     """Return a fresh project key: the mock creates projects on first use, so tests never share state."""
     return "proj-" + secrets.token_hex(4)
+
+
+# --- a sorting front for cursor paging over more than one page (added for the backfill tests) ---
+
+# More than any test creates: the front asks the mock for every match, then sorts and cuts the page itself.
+_ALL: int = 1_000_000
+
+
+class SortingFront:
+    """A thin front for commercetools-mock that pages ``sort=id asc`` queries right whatever their size.
+
+    The mock ignores ``sort`` on its query endpoints and answers in insertion order, so a cursor pager
+    (``where id > "<last>"``, ``sort=id asc``) over more matches than a page would skip resources. This front
+    forwards every request unchanged except those queries, which it answers from *all* the matches, sorted by
+    id and cut to the requested limit (``CtProxy`` sorts only the first 500 matches). No credential checks:
+    the mock issues a token to any client.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {
+                    "Authorization": self.headers.get("Authorization"),
+                    "Content-Type": self.headers.get("Content-Type"),
+                }
+                parts = urlsplit(self.path)
+                query = parse_qsl(parts.query)
+                if self.command == "GET" and ("sort", "id asc") in query:
+                    status, answer = front.sorted_page(parts.path, query, headers)
+                else:
+                    status, _, answer = front.forward(self.command, self.path, headers, body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            do_GET = do_POST = do_DELETE = _handle
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def start(self) -> SortingFront:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def forward(
+        self, method: str, target: str, headers: dict[str, Any], body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        try:
+            sent = {k: v for k, v in headers.items() if v is not None}
+            connection.request(method, target, body=body or None, headers=sent)
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def sorted_page(
+        self, path: str, query: list[tuple[str, str]], headers: dict[str, Any]
+    ) -> tuple[int, bytes]:
+        limit = int(dict(query).get("limit", "20"))
+        rest = [(k, v) for k, v in query if k not in ("sort", "limit", "offset")]
+        status, _, body = self.forward(
+            "GET", f"{path}?{urlencode([*rest, ('limit', str(_ALL))])}", headers, b""
+        )
+        if status != 200:
+            return status, body
+        page = json.loads(body)
+        results = sorted(page.get("results", []), key=lambda r: r["id"])[:limit]
+        page.update(results=results, count=len(results), limit=limit, offset=0)
+        page.pop("total", None)
+        return status, json.dumps(page).encode()
+
+
+@pytest.fixture(scope="session")
+def ctmock_sorted(ctmock: CtMock) -> Iterator[SortingFront]:
+    """A ``SortingFront`` over the session's commercetools-mock."""
+    front = SortingFront(ctmock.port).start()
+    yield front
+    front.stop()
