@@ -1,0 +1,492 @@
+"""Operator commands: ``check``, ``subscription ensure``, ``audit`` and ``dead-letters replay``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from consumer import app
+from consumer.config import ConfigError, Settings, load_settings, unknown_variables
+from consumer.ports import Envelope, Fetched, Source
+from consumer.routing import ScopeMapError
+
+if TYPE_CHECKING:
+    pass
+from consumer.cli import (
+    ENV_FILE,
+    EXIT_FAILURE,
+    EXIT_OK,
+    _config_failure,
+    _configure_stderr_audit,
+    _FilteringSource,
+    _Progress,
+    _serve,
+    _settings,
+    _usage_failure,
+    main,
+)
+
+# --- operator commands: check, subscription ensure, audit, dead-letters replay ---
+
+
+def _raw_values(env_file: Path | None) -> dict[str, str]:
+    """Return the settings' values as given (env file, then the environment), without checking them."""
+    from dotenv import dotenv_values
+
+    from consumer.config import SETTING_VARIABLES
+
+    values: dict[str, str] = {}
+    if env_file is not None:
+        values.update({k: v for k, v in dotenv_values(env_file).items() if k in SETTING_VARIABLES and v})
+    values.update({k: v for k, v in os.environ.items() if k in SETTING_VARIABLES and v.strip()})
+    return values
+
+
+def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[str]]:
+    """Load settings, collecting problems instead of exiting; retry without each variable reported bad."""
+    try:
+        return load_settings(environ=values, for_command="check"), []
+    except ConfigError as exc:
+        problems = exc.problems
+    bad = {problem.split(":", 1)[0] for problem in problems}
+    try:
+        return load_settings(
+            environ={k: v for k, v in values.items() if k not in bad}, for_command="check"
+        ), problems
+    except ConfigError:
+        return None, problems
+
+
+@main.command()
+@ENV_FILE
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for tools) instead of lines.")
+def check(env_file: Path | None, as_json: bool) -> None:
+    """Verify an installation: settings, region, token, scopes, project, hook, source. Exit 0 if all pass."""
+    import orjson
+
+    from consumer import checks
+    from consumer.config import SECRET_VARIABLES
+
+    if env_file is not None and not env_file.is_file():
+        _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
+    values = _raw_values(env_file)
+    settings, problems = _load_for_check(values)
+    _configure_stderr_audit(settings, [values[name] for name in SECRET_VARIABLES if name in values])
+    unknown = unknown_variables(os.environ, env_file)
+    results = asyncio.run(checks.run_checks(settings, values, problems, unknown))
+    if as_json:
+        click.echo(orjson.dumps(checks.render_json(results), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for line in checks.render_text(results):
+            click.echo(line)
+    sys.exit(checks.exit_code(results))
+
+
+@main.group()
+def subscription() -> None:
+    """Manage the commercetools Subscription that feeds ctsync."""
+
+
+def _operator_settings(env_file: Path | None, command: str) -> Settings:
+    if env_file is not None and not env_file.is_file():
+        _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
+    try:
+        settings = load_settings(env_file, for_command=command)
+    except ConfigError as exc:
+        _config_failure(exc.problems)
+    _configure_stderr_audit(settings, settings.secret_values())
+    return settings
+
+
+def _destination(
+    settings: Settings,
+    kind: str | None,
+    pubsub_topic: str | None,
+    kafka_topic: str | None,
+    kafka_key: str | None,
+) -> dict[str, Any]:
+    from consumer.subscription import confluent_destination, pubsub_destination
+
+    if kind is None:
+        source = settings.source.kind if settings.source is not None else None
+        kind = "confluent" if pubsub_topic is None and source == "kafka" else "pubsub"
+    if kind == "pubsub":
+        if pubsub_topic is None:
+            _config_failure(
+                [
+                    "--pubsub-topic: required for a Pub/Sub destination: projects/<project>/topics/<topic>, "
+                    "the topic PUBSUB_SUBSCRIPTION is attached to (or use --destination confluent)"
+                ]
+            )
+        return pubsub_destination(pubsub_topic)
+    problems = []
+    servers, topics = settings.kafka_bootstrap_server_list, settings.kafka_topic_list
+    if not servers:
+        problems.append("KAFKA_BOOTSTRAP_SERVERS: required for a Confluent Cloud destination")
+    if kafka_topic is None and not topics:
+        problems.append("KAFKA_TOPICS: required for a Confluent Cloud destination (or give --kafka-topic)")
+    if settings.kafka_sasl_username is None or settings.kafka_sasl_password is None:
+        problems.append(
+            "KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD: required for a Confluent Cloud destination "
+            "(the cluster API key and secret commercetools produces with)"
+        )
+    if problems:
+        _config_failure(problems)
+    assert settings.kafka_sasl_username is not None and settings.kafka_sasl_password is not None
+    return confluent_destination(
+        servers[0],
+        kafka_topic or topics[0],
+        settings.kafka_sasl_username,
+        settings.kafka_sasl_password.get_secret_value(),
+        kafka_key,
+    )
+
+
+@subscription.command("ensure")
+@ENV_FILE
+@click.option("--key", default="ctsync", show_default=True, help="The subscription's key.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["Platform", "CloudEvents"]),
+    default="Platform",
+    show_default=True,
+    help="The payload format commercetools delivers.",
+)
+@click.option(
+    "--destination",
+    "kind",
+    type=click.Choice(["pubsub", "confluent"]),
+    help="Where commercetools delivers; default: confluent when CTSYNC_SOURCE=kafka, else pubsub.",
+)
+@click.option("--pubsub-topic", help="projects/<project>/topics/<topic> for a Pub/Sub destination.")
+@click.option("--kafka-topic", help="Confluent Cloud topic (default: the first of KAFKA_TOPICS).")
+@click.option("--kafka-key", help="The fixed record key commercetools sets on Confluent Cloud (optional).")
+@click.option("--dry-run", is_flag=True, help="Print the draft (credentials masked) and change nothing.")
+def subscription_ensure(
+    env_file: Path | None,
+    key: str,
+    fmt: str,
+    kind: str | None,
+    pubsub_topic: str | None,
+    kafka_topic: str | None,
+    kafka_key: str | None,
+    dry_run: bool,
+) -> None:
+    """Create the commercetools Subscription for the routed types, or update it when it differs."""
+    import orjson
+
+    from consumer import subscription as sub
+
+    settings = _operator_settings(env_file, "dry-run" if dry_run else "subscription ensure")
+    try:
+        types = list(app.router(settings).scope_map.types)
+        destination = _destination(settings, kind, pubsub_topic, kafka_topic, kafka_key)
+        draft = sub.build_draft(
+            types, destination, key=key, fmt="CloudEvents" if fmt == "CloudEvents" else "Platform"
+        )
+    except ScopeMapError as exc:
+        _config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in exc.problems])
+    except sub.SubscriptionError as exc:
+        _config_failure([str(exc)])
+    if dry_run:
+        click.echo(orjson.dumps(sub.masked(draft), option=orjson.OPT_INDENT_2).decode())
+        return
+    sys.exit(asyncio.run(_ensure(settings, draft)))
+
+
+async def _ensure(settings: Settings, draft: dict[str, Any]) -> int:
+    from adapters.commercetools import CommercetoolsClient, CommercetoolsError
+    from consumer import subscription as sub
+
+    key = str(draft["key"])
+    try:
+        async with CommercetoolsClient.from_settings(settings) as client:
+            existing = await client.get_subscription(key)
+            if existing is None:
+                result = await client.create_subscription(draft)
+                click.echo(
+                    f"created subscription {key} (id {result.get('id')}, version {result.get('version')})"
+                )
+            else:
+                actions = sub.update_actions(existing, draft)
+                if actions:
+                    result = await client.update_subscription(key, int(existing["version"]), actions)
+                    names = ", ".join(a["action"] for a in actions)
+                    click.echo(f"updated subscription {key} ({names}); now version {result.get('version')}")
+                else:
+                    result = existing
+                    click.echo(f"subscription {key} is up to date (version {result.get('version')})")
+    except CommercetoolsError as exc:
+        click.echo(f"ctsync: {exc}", err=True)
+        if exc.status == 403 or "insufficient_scope" in exc.codes:
+            click.echo(f"  the API client needs manage_subscriptions:{settings.ctp_project_key}", err=True)
+        return EXIT_FAILURE
+    except sub.SubscriptionError as exc:
+        click.echo(f"ctsync: {exc}", err=True)
+        return EXIT_FAILURE
+    status = result.get("status")
+    click.echo(f"status: {status}")
+    hint = sub.status_hint(status)
+    if hint:
+        click.echo(f"  {hint}", err=True)
+    messages = ", ".join(m["resourceTypeId"] for m in draft["messages"])
+    changes = ", ".join(c["resourceTypeId"] for c in draft["changes"])
+    click.echo(f"messages: {messages}")
+    click.echo(f"changes: {changes}")
+    return EXIT_FAILURE if sub.is_broken(status) else EXIT_OK
+
+
+@main.command("audit")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@click.option("--resource", "resource_id", help="The whole story of a resource id.")
+@click.option("--message-key", help="The whole story of a message key.")
+@click.option("--correlation-id", help="The whole story of a hook request.")
+@click.option("--since", help="From this time: ISO 8601 (2026-01-31T12:00:00Z) or an age (15m, 2h, 7d).")
+@click.option("--until", help="Before this time: ISO 8601 or an age.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of a table.")
+def audit_command(
+    files: tuple[Path, ...],
+    resource_id: str | None,
+    message_key: str | None,
+    correlation_id: str | None,
+    since: str | None,
+    until: str | None,
+    as_json: bool,
+) -> None:
+    """Query audit logs (JSON lines; FILES, or stdin): a story, or counts by event and reason."""
+    import orjson
+
+    from consumer import audit_query as q
+
+    chosen = [
+        name
+        for name, value in (
+            ("--resource", resource_id),
+            ("--message-key", message_key),
+            ("--correlation-id", correlation_id),
+        )
+        if value
+    ]
+    if len(chosen) > 1:
+        _usage_failure(f"give at most one of {', '.join(chosen)}")
+    try:
+        start = q.parse_bound(since) if since else None
+        end = q.parse_bound(until) if until else None
+    except ValueError as exc:
+        _usage_failure(f"--since/--until: {exc}")
+    reading = q.Reading()
+    for path in files or (Path("-"),):
+        if str(path) == "-":
+            q.read_events(sys.stdin.buffer, "<stdin>", reading)
+            continue
+        try:
+            with path.open("rb") as file:
+                q.read_events(file, str(path), reading)
+        except OSError as exc:
+            _usage_failure(f"cannot read {path}: {exc.strerror}")
+    events = q.in_range(reading.events, start, end)
+    if resource_id or message_key or correlation_id:
+        if resource_id:
+            story, query = q.story_of_resource(events, resource_id), {"resource_id": resource_id}
+        elif message_key:
+            story, query = q.story_of_message_key(events, message_key), {"message_key": message_key}
+        else:
+            assert correlation_id is not None
+            story, query = (
+                q.story_of_correlation_id(events, correlation_id),
+                {"correlation_id": correlation_id},
+            )
+        if as_json:
+            payload = {"query": query, "count": len(story), "events": q.events_json(story)}
+            click.echo(orjson.dumps(payload, default=str).decode())
+        elif story:
+            for line in q.story_lines(story):
+                click.echo(line)
+        else:
+            click.echo(f"no events for {next(iter(query.values()))}", err=True)
+        return
+    counts = q.count(events)
+    if as_json:
+        click.echo(orjson.dumps({**counts.as_json(), "skipped_lines": reading.skipped}).decode())
+    else:
+        for line in q.count_lines(counts):
+            click.echo(line)
+        if reading.skipped:
+            click.echo(f"({reading.skipped} lines were not audit events)", err=True)
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Work with dead letters after a fix."""
+
+
+class _DeadLetterFile:
+    """Read a dead-letter (or payload) file up to the size it had when opened.
+
+    New dead letters of this very replay may be appended to the same file; stopping at the snapshot size
+    keeps the replay finite instead of reading its own output forever.
+    """
+
+    name = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("rb")
+        self._end = os.fstat(self._file.fileno()).st_size
+        self._line = 0
+
+    def _read(self, max_count: int) -> list[Envelope]:
+        from adapters.files import original_payload
+
+        envelopes: list[Envelope] = []
+        while len(envelopes) < max_count:
+            left = self._end - self._file.tell()
+            if left <= 0:
+                break
+            raw = self._file.readline(left)
+            if not raw:
+                break
+            self._line += 1
+            line = raw.strip()
+            if not line:
+                continue
+            body, record = original_payload(line)
+            fields: dict[str, object] = {"file": str(self.path), "line": self._line}
+            if record is not None:
+                fields["dead_letter_reason"] = record.get("reason")
+                fields["dead_letter_time"] = record.get("time")
+                fields["original_position"] = record.get("position")
+            envelopes.append(Envelope(body=body, position=f"{self.path}:{self._line}", source_fields=fields))
+        return envelopes
+
+    async def fetch(self, max_count: int) -> Fetched:
+        envelopes = await asyncio.to_thread(self._read, max_count)
+        done = self._file.tell() >= self._end
+        return Fetched(envelopes, more_ready=not done, exhausted=done)
+
+    async def close(self) -> None:
+        self._file.close()
+
+
+def _dead_letter_filter(
+    reasons: tuple[str, ...], since: datetime | None, until: datetime | None, started: datetime
+) -> Callable[[Envelope], bool]:
+    """Return whether a dead letter is to be replayed: it matches the filters and is not this replay's own
+    output (a letter dead-lettered again may land where the replay reads, e.g. the same Kafka topic)."""
+    from consumer.audit_query import parse_timestamp
+
+    wanted = [r.lower() for r in reasons]
+
+    def keep(envelope: Envelope) -> bool:
+        fields = envelope.source_fields
+        written = fields.get("dead_letter_time")
+        written_at = parse_timestamp(written) if isinstance(written, str) else None
+        if written_at is not None and written_at >= started:
+            return False
+        if wanted:
+            reason = str(fields.get("dead_letter_reason") or "").lower()
+            if not any(w in reason for w in wanted):
+                return False
+        if since is not None or until is not None:
+            text = fields.get("dead_letter_time")
+            when = parse_timestamp(text) if isinstance(text, str) else None
+            if when is None or (since is not None and when < since) or (until is not None and when >= until):
+                return False
+        return True
+
+    return keep
+
+
+def _dead_letter_location(location: str) -> tuple[str, str]:
+    """Return (kind, name): ("file", path), ("kafka", topic) or ("pubsub", subscription path)."""
+    if location.startswith("kafka://"):
+        return "kafka", location.removeprefix("kafka://")
+    name = location.removeprefix("pubsub://")
+    if name.startswith("projects/") and "/subscriptions/" in name:
+        return "pubsub", name
+    if name.startswith("projects/") and "/topics/" in name:
+        raise ValueError(
+            f"{location}: give a Pub/Sub subscription attached to the dead-letter topic "
+            "(projects/<project>/subscriptions/<subscription>), not the topic"
+        )
+    if location.startswith("file:"):
+        from consumer.config import parse_source
+
+        spec = parse_source(location)
+        return "file", str(spec.path)
+    return "file", location
+
+
+@dead_letters.command("replay")
+@ENV_FILE
+@click.option(
+    "--reason",
+    "reasons",
+    multiple=True,
+    help="Only dead letters whose reason contains this text (case-insensitive); repeat for any of several.",
+)
+@click.option("--since", help="Only dead letters written from this time: ISO 8601 or an age (15m, 2h, 7d).")
+@click.option("--until", help="Only dead letters written before this time: ISO 8601 or an age.")
+@click.argument("location")
+def dead_letters_replay(
+    env_file: Path | None, reasons: tuple[str, ...], since: str | None, until: str | None, location: str
+) -> None:
+    """Feed dead letters through the pipeline again; what fails again is dead-lettered again.
+
+    LOCATION is a file (what CTSYNC_DEAD_LETTER_URL=file:... wrote), kafka://<topic>, or a Pub/Sub
+    subscription projects/<project>/subscriptions/<subscription> on the dead-letter topic.
+    """
+    from consumer.audit_query import parse_bound
+
+    try:
+        start = parse_bound(since) if since else None
+        end = parse_bound(until) if until else None
+        kind, name = _dead_letter_location(location)
+    except ValueError as exc:
+        _usage_failure(f"{exc}")
+    if kind == "file" and not Path(name).is_file():
+        _usage_failure(f"{location}: no such file")
+    settings = _settings(env_file, "dead-letters replay")
+    progress = _Progress("dead letters")
+    keep = _dead_letter_filter(reasons, start, end, datetime.now(UTC))
+
+    async def open_source() -> Source:
+        inner: Source
+        try:
+            if kind == "file":
+                inner = _DeadLetterFile(Path(name))
+            elif kind == "kafka":
+                from adapters import kafka
+
+                inner = await kafka.open_dead_letter_source(settings, name)
+            else:
+                from adapters import pubsub
+
+                inner = await pubsub.open_dead_letter_source(settings, name)
+        except LookupError as exc:
+            raise ConnectionError(str(exc)) from None
+        return _FilteringSource(inner, keep, progress)
+
+    code = asyncio.run(_serve(settings, open_source, command="dead-letters replay", finite=True))
+    filters = [f"reason contains {' or '.join(map(repr, reasons))}"] if reasons else []
+    filters += [f"since {start.isoformat()}"] if start else []
+    filters += [f"until {end.isoformat()}"] if end else []
+    line = f"dead letters: read {progress.read}, replayed {progress.matched}"
+    if filters:
+        line += f" ({'; '.join(filters)}), left alone {progress.read - progress.matched}"
+    click.echo(line, err=True)
+    if kind == "file":
+        click.echo(
+            f"  {name} is unchanged; dead letters that failed again were appended to "
+            f"{settings.ctsync_dead_letter_url}",
+            err=True,
+        )
+    sys.exit(code)
