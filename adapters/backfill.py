@@ -99,7 +99,7 @@ class BackfillSource:
             self._todo.append(type_id)
         self._read_all = not self._todo
         self.log.info(
-            bf.BACKFILL_STARTED,
+            audit.BACKFILL_STARTED,
             run_key=self.key,
             types=self.types,
             mode=self.mode.value,
@@ -145,7 +145,7 @@ class BackfillSource:
                 self._pages = None
                 self._todo.popleft()
                 self.trackers[type_id].read_all()
-                self.log.info(bf.BACKFILL_TYPE_DONE, type=type_id, resources=self.per_type[type_id])
+                self.log.info(audit.BACKFILL_TYPE_DONE, type=type_id, resources=self.per_type[type_id])
                 continue
             self._take(type_id, page)
             return
@@ -174,7 +174,7 @@ class BackfillSource:
         self.counts.resources += taken
         self.per_type[type_id] += taken
         self.log.info(
-            bf.BACKFILL_PAGE,
+            audit.BACKFILL_PAGE,
             type=type_id,
             page=self._page_number,
             size=len(page),
@@ -197,7 +197,7 @@ class BackfillSource:
                 continue
             await self.cursors.put(bf.cursor_name(self.key, type_id), value)
             tracker.saved(value)
-            self.log.info(bf.BACKFILL_CURSOR_SAVED, type=type_id, cursor=value)
+            self.log.info(audit.BACKFILL_CURSOR_SAVED, type=type_id, cursor=value)
 
     async def _save_periodically(self) -> None:
         while True:
@@ -229,7 +229,7 @@ class BackfillSource:
         self.counts.types_done = self.types_done
         await self.save_cursors()
         self.log.info(
-            bf.BACKFILL_FINISHED,
+            audit.BACKFILL_FINISHED,
             run_key=self.key,
             pages=self.counts.pages,
             resources=self.counts.resources,

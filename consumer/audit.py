@@ -37,6 +37,11 @@ STATE_RETRYING: Final = "state.retrying"
 STATE_RECOVERED: Final = "state.recovered"
 DEAD_LETTER_RETRYING: Final = "dead_letter.retrying"
 CONFIG_WARNING: Final = "config.warning"
+BACKFILL_STARTED: Final = "backfill.started"
+BACKFILL_PAGE: Final = "backfill.page"
+BACKFILL_CURSOR_SAVED: Final = "backfill.cursor_saved"
+BACKFILL_TYPE_DONE: Final = "backfill.type_done"
+BACKFILL_FINISHED: Final = "backfill.finished"
 
 REDACTED: Final = "[redacted]"
 

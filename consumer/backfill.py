@@ -27,13 +27,6 @@ from consumer.offsets import PartitionOffsets
 from consumer.ports import Slot, ThrottleStore
 from consumer.throttle import ThrottleLedger, ThrottleLimits
 
-# Audit event names of a sweep (to join the vocabulary in consumer/audit.py).
-BACKFILL_STARTED: Final = "backfill.started"
-BACKFILL_PAGE: Final = "backfill.page"
-BACKFILL_CURSOR_SAVED: Final = "backfill.cursor_saved"
-BACKFILL_TYPE_DONE: Final = "backfill.type_done"
-BACKFILL_FINISHED: Final = "backfill.finished"
-
 SOURCE_NAME: Final = "backfill"
 PAGE_SIZE: Final = 500
 # A cursor's value once every resource of its type was settled: not an id (ids are UUIDs or keys without it).

@@ -54,9 +54,18 @@ _FOREIGN_VARIABLES: Final = frozenset(
 # well under the 3,000 ids iPaaS.com's own manual sync accepts per submission.
 MAX_BATCH_SIZE: Final = 1000
 # Commands that cannot work without these settings; the others ignore what they do not use.
+_COMMERCETOOLS_API: Final = (
+    "CTP_PROJECT_KEY",
+    "CTP_CLIENT_ID",
+    "CTP_CLIENT_SECRET",
+    "CTP_AUTH_URL",
+    "CTP_API_URL",
+)
 _REQUIRED_FOR: Final[Mapping[str, tuple[str, ...]]] = {
     "run": ("CTSYNC_SOURCE",),
-    "subscription": ("CTP_PROJECT_KEY", "CTP_CLIENT_ID", "CTP_CLIENT_SECRET", "CTP_AUTH_URL", "CTP_API_URL"),
+    "subscription": _COMMERCETOOLS_API,
+    "backfill": _COMMERCETOOLS_API,
+    "reconcile": _COMMERCETOOLS_API,
 }
 _EXAMPLE_REGION: Final = "europe-west1.gcp"
 _SECRET_MIN_SCRUB: Final = 4
