@@ -1,18 +1,415 @@
-"""Placeholder until the push adapter lands."""
+"""An HTTP endpoint for Pub/Sub push subscriptions (``CTSYNC_SOURCE=push``), served by uvicorn in the
+service's own event loop.
+
+Each POST carries one message in Pub/Sub's push envelope. The answer waits until the pipeline settled the
+message: 2xx once it was delivered, ignored or dead-lettered (acked); 503 when it was handed back (nacked)
+or not settled within ``ANSWER_TIMEOUT_SECONDS``; 429 when ``CTSYNC_MAX_IN_FLIGHT`` requests already wait.
+Any non-2xx makes Pub/Sub redeliver later with its own backoff, so a saturated or stopping service sheds
+load instead of queueing it.
+
+With ``PUSH_AUDIENCE`` set, the Google-signed OIDC token Pub/Sub attaches is verified: signature (Google's
+published certificates, cached), issuer, expiry, audience, and ``PUSH_SERVICE_ACCOUNT`` as the verified
+email. Missing or invalid tokens get 401; valid tokens for another audience or account get 403.
+"""
 
 from __future__ import annotations
 
-from consumer.config import Settings
-from consumer.ports import DeadLetterSink, Source
+import asyncio
+import base64
+import binascii
+import contextlib
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+import orjson
+import uvicorn
+from google.auth import jwt
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from consumer import audit
+from consumer.config import ListenAddress, Settings
+from consumer.ports import Envelope, Fetched, Source
+
+GOOGLE_CERTS_URL: Final = "https://www.googleapis.com/oauth2/v1/certs"
+GOOGLE_ISSUERS: Final = frozenset({"accounts.google.com", "https://accounts.google.com"})
+# Pub/Sub's longest push acknowledgement deadline; past it Pub/Sub has given up on the request anyway.
+ANSWER_TIMEOUT_SECONDS: Final = 600.0
+# A 10 MB Pub/Sub message grows by a third in base64, plus the envelope.
+MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+CERTS_TIMEOUT_SECONDS: Final = 10.0
+CERTS_DEFAULT_MAX_AGE: Final = 300.0
+# An unknown key id refetches the certificates at most this often, so junk tokens cannot hammer Google.
+CERTS_MIN_REFRESH_SECONDS: Final = 30.0
+CLOCK_SKEW_SECONDS: Final = 10
+SHUTDOWN_GRACE_SECONDS: Final = 5.0
+
+PUSH_REJECTED: Final = "push.rejected"
+PUSH_UNAUTHORIZED: Final = "push.unauthorized"
+
+# google-auth's jwt.decode carries no annotations.
+_jwt_decode: Callable[..., Any] = jwt.decode
+_MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
-async def open_source(settings: Settings) -> Source:
-    from consumer.app import UnsupportedSetting
-
-    raise UnsupportedSetting("CTSYNC_SOURCE: the push source is not supported by this build yet")
+class MalformedPush(ValueError):
+    """The request is not a Pub/Sub push envelope; the message says why (never quoting the body)."""
 
 
-async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSink:
-    from consumer.app import UnsupportedSetting
+@dataclass(frozen=True, slots=True)
+class PushedMessage:
+    data: bytes
+    message_id: str
+    publish_time: str | None
+    subscription: str | None
+    delivery_attempt: int | None
+    attributes: Mapping[str, str]
 
-    raise UnsupportedSetting(f"CTSYNC_DEAD_LETTER_URL: {topic}: push dead letters are not built yet")
+
+def parse_push_envelope(body: bytes) -> PushedMessage:
+    """Decode ``{"message": {"data", "messageId", "attributes", "publishTime"}, "subscription",
+    "deliveryAttempt"}``; raise MalformedPush with the reason."""
+    try:
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedPush("the body is not JSON") from None
+    if not isinstance(envelope, dict):
+        raise MalformedPush("the body is not a JSON object")
+    message = envelope.get("message")
+    if not isinstance(message, dict):
+        raise MalformedPush("no message object")
+    message_id = message.get("messageId", message.get("message_id"))
+    if not isinstance(message_id, str) or not message_id:
+        raise MalformedPush("message.messageId is missing")
+    data = message.get("data", "")
+    if not isinstance(data, str):
+        raise MalformedPush("message.data is not a string")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedPush("message.data is not base64") from None
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
+        raise MalformedPush("message.attributes is not an object of strings")
+    attempt = envelope.get("deliveryAttempt")
+    if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool)):
+        raise MalformedPush("deliveryAttempt is not an integer")
+    publish_time = message.get("publishTime", message.get("publish_time"))
+    subscription = envelope.get("subscription")
+    return PushedMessage(
+        data=decoded,
+        message_id=message_id,
+        publish_time=publish_time if isinstance(publish_time, str) else None,
+        subscription=subscription if isinstance(subscription, str) else None,
+        delivery_attempt=attempt,
+        attributes=attributes,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- OIDC
+
+
+class TokenRejected(Exception):
+    """Why a push request's token is refused: 401 (missing, invalid) or 403 (not for us)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class CertificatesUnavailable(Exception):
+    """Google's certificates could not be fetched: the request is answered 503 and Pub/Sub retries."""
+
+
+def _token_problem(exc: Exception) -> str:
+    # google-auth's messages may quote parts of the token; only a category is reported.
+    text = str(exc)
+    if "too late" in text or "expired" in text.lower():
+        return "the token has expired"
+    if "too early" in text:
+        return "the token is not valid yet"
+    if "signature" in text.lower():
+        return "the token's signature does not verify"
+    if "Certificate for key id" in text:
+        return "the token is signed by an unknown key"
+    return "the token is malformed"
+
+
+class OidcVerifier:
+    """Verify Pub/Sub's Google-signed OIDC tokens against cached Google certificates."""
+
+    def __init__(
+        self,
+        audience: str,
+        service_account: str | None,
+        *,
+        certs_url: str = GOOGLE_CERTS_URL,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.audience = audience
+        self.service_account = service_account
+        self.certs_url = certs_url
+        self._http = http or httpx.AsyncClient(timeout=CERTS_TIMEOUT_SECONDS)
+        self._certs: dict[str, str] = {}
+        self._expires = 0.0
+        self._fetched = -CERTS_MIN_REFRESH_SECONDS
+        self._lock = asyncio.Lock()
+
+    async def _fetch(self) -> None:
+        try:
+            response = await self._http.get(self.certs_url)
+            response.raise_for_status()
+            certs = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise CertificatesUnavailable(
+                f"cannot fetch Google's certificates: {type(exc).__name__}"
+            ) from exc
+        if not isinstance(certs, dict) or not certs:
+            raise CertificatesUnavailable("Google's certificates are not a JSON object of PEM certificates")
+        match = _MAX_AGE.search(response.headers.get("cache-control", ""))
+        max_age = float(match.group(1)) if match else CERTS_DEFAULT_MAX_AGE
+        now = time.monotonic()
+        self._certs, self._expires, self._fetched = certs, now + max_age, now
+
+    async def _current(self, *, refresh: bool = False) -> dict[str, str]:
+        async with self._lock:
+            now = time.monotonic()
+            stale = now >= self._expires
+            may_refresh = refresh and now - self._fetched >= CERTS_MIN_REFRESH_SECONDS
+            if stale or may_refresh:
+                await self._fetch()
+            return self._certs
+
+    async def verify(self, authorization: str | None) -> dict[str, Any]:
+        """Return the token's claims, or raise TokenRejected / CertificatesUnavailable."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise TokenRejected(401, "no Bearer token")
+        claims = self._decode(token, await self._current())
+        if claims is None:
+            # Google rotates its keys: a token signed by a new key needs fresh certificates.
+            claims = self._decode(token, await self._current(refresh=True))
+        if claims is None:
+            raise TokenRejected(401, "the token is signed by an unknown key")
+        if claims.get("iss") not in GOOGLE_ISSUERS:
+            raise TokenRejected(401, "the token was not issued by Google")
+        if claims.get("aud") != self.audience:
+            raise TokenRejected(403, "the token is for another audience (PUSH_AUDIENCE)")
+        if self.service_account is not None and (
+            claims.get("email") != self.service_account or claims.get("email_verified") is not True
+        ):
+            raise TokenRejected(403, "the token is for another service account (PUSH_SERVICE_ACCOUNT)")
+        return claims
+
+    @staticmethod
+    def _decode(token: str, certs: Mapping[str, str]) -> dict[str, Any] | None:
+        """Return verified claims (audience checked by the caller), None for an unknown key id."""
+        try:
+            claims: Any = _jwt_decode(
+                token, certs=certs, verify=True, clock_skew_in_seconds=CLOCK_SKEW_SECONDS
+            )
+        except ValueError as exc:
+            problem = _token_problem(exc)
+            if problem == "the token is signed by an unknown key":
+                return None
+            raise TokenRejected(401, problem) from None
+        if not isinstance(claims, dict):
+            raise TokenRejected(401, "the token is malformed")
+        return claims
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+# ------------------------------------------------------------------------------------------------ source
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the CLI owns SIGTERM/SIGINT and decides shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _error(status: int, reason: str) -> Response:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+class PushSource:
+    """Pub/Sub push deliveries become envelopes; each request waits for its envelope's ack or nack."""
+
+    name = "push"
+
+    def __init__(
+        self,
+        *,
+        max_in_flight: int,
+        verifier: OidcVerifier | None = None,
+        answer_timeout: float = ANSWER_TIMEOUT_SECONDS,
+    ) -> None:
+        self.max_in_flight = max_in_flight
+        self.verifier = verifier
+        self.answer_timeout = answer_timeout
+        self.log = audit.get_logger("ctsync.push").bind()
+        self.app = Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
+        self._ready: deque[Envelope] = deque()
+        self._arrived = asyncio.Event()
+        self._waiting = 0
+        self._closing = False
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def address(self) -> ListenAddress:
+        """Where the endpoint listens (the real port when PUSH_LISTEN asked for port 0)."""
+        assert self._socket is not None
+        host, port = self._socket.getsockname()[:2]
+        return ListenAddress(host, port)
+
+    async def start(self, listen: ListenAddress) -> None:
+        """Listen on ``listen`` (raising OSError when it cannot) and serve in this event loop."""
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        try:
+            self._socket = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+        except OSError as exc:
+            raise OSError(f"PUSH_LISTEN: cannot listen on {listen}: {exc.strerror}") from None
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
+        )
+        self._server = _Server(config)
+        self._serving = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="ctsync-push")
+        async with asyncio.timeout(10):
+            while not self._server.started:
+                if self._serving.done():
+                    self._serving.result()
+                    raise ConnectionError(f"PUSH_LISTEN: the endpoint on {listen} stopped at start")
+                await asyncio.sleep(0.01)
+
+    async def _receive(self, request: Request) -> Response:
+        if self._closing:
+            return _error(503, "ctsync is stopping")
+        if self.verifier is not None:
+            try:
+                await self.verifier.verify(request.headers.get("authorization"))
+            except TokenRejected as rejected:
+                self.log.warning(PUSH_UNAUTHORIZED, status=rejected.status, reason=rejected.reason)
+                return _error(rejected.status, rejected.reason)
+            except CertificatesUnavailable as exc:
+                self.log.error(PUSH_UNAUTHORIZED, status=503, reason=str(exc))
+                return _error(503, "cannot verify the token now")
+        if self._waiting >= self.max_in_flight:
+            return _error(429, "saturated: CTSYNC_MAX_IN_FLIGHT messages are waiting")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return _error(413, "the body is larger than a Pub/Sub push envelope can be")
+        body = await request.body()
+        try:
+            pushed = parse_push_envelope(body)
+        except MalformedPush as exc:
+            self.log.warning(PUSH_REJECTED, status=400, reason=str(exc), size=len(body))
+            return _error(400, str(exc))
+        return await self._hand_over(pushed)
+
+    async def _hand_over(self, pushed: PushedMessage) -> Response:
+        settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settle(ok: bool) -> None:
+            if not settled.done():
+                settled.set_result(ok)
+
+        envelope = Envelope(
+            body=pushed.data,
+            position=pushed.message_id,
+            ack=lambda: settle(True),
+            nack=lambda: settle(False),
+            source_fields={
+                "message_id": pushed.message_id,
+                "delivery_attempt": pushed.delivery_attempt,
+                "publish_time": pushed.publish_time,
+                "subscription": pushed.subscription,
+            },
+        )
+        self._waiting += 1
+        try:
+            self._ready.append(envelope)
+            self._arrived.set()
+            try:
+                async with asyncio.timeout(self.answer_timeout):
+                    acked = await settled
+            except TimeoutError:
+                return _error(503, "not settled in time; Pub/Sub will redeliver")
+        finally:
+            self._waiting -= 1
+        if acked:
+            return Response(status_code=204)
+        return _error(503, "handed back; Pub/Sub will redeliver")
+
+    async def fetch(self, max_count: int) -> Fetched:
+        ready = self._ready
+        if not ready:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._arrived.wait()
+        envelopes: list[Envelope] = []
+        while ready and len(envelopes) < max_count:
+            envelopes.append(ready.popleft())
+        return Fetched(envelopes, more_ready=bool(ready))
+
+    async def close(self) -> None:
+        """Answer what waits unfetched with 503, stop listening, let answers in progress finish."""
+        self._closing = True
+        while self._ready:
+            self._ready.popleft().nack()
+        if self._server is not None and self._serving is not None:
+            self._server.should_exit = True
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE_SECONDS + 2):
+                    await self._serving
+            except TimeoutError:
+                self._serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._serving
+        elif self._socket is not None:
+            self._socket.close()
+        if self.verifier is not None:
+            await self.verifier.close()
+
+
+async def open_source(settings: Settings, *, certs_url: str = GOOGLE_CERTS_URL) -> Source:
+    """Start the push endpoint on PUSH_LISTEN; ``certs_url`` replaces Google's certificates (tests)."""
+    if settings.push_service_account is not None and settings.push_audience is None:
+        from consumer.app import UnsupportedSetting
+
+        raise UnsupportedSetting(
+            "PUSH_SERVICE_ACCOUNT: is checked only inside a verified token; set PUSH_AUDIENCE too"
+        )
+    verifier = (
+        OidcVerifier(settings.push_audience, settings.push_service_account, certs_url=certs_url)
+        if settings.push_audience is not None
+        else None
+    )
+    source = PushSource(max_in_flight=settings.ctsync_max_in_flight, verifier=verifier)
+    try:
+        await source.start(settings.push_listen)
+    except BaseException:
+        await source.close()
+        raise
+    return source
