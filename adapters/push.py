@@ -52,8 +52,8 @@ CERTS_MIN_REFRESH_SECONDS: Final = 30.0
 CLOCK_SKEW_SECONDS: Final = 10
 SHUTDOWN_GRACE_SECONDS: Final = 5.0
 
-PUSH_REJECTED: Final = "push.rejected"
-PUSH_UNAUTHORIZED: Final = "push.unauthorized"
+PUSH_REJECTED: Final = audit.PUSH_REJECTED
+PUSH_UNAUTHORIZED: Final = audit.PUSH_UNAUTHORIZED
 
 # google-auth's jwt.decode carries no annotations.
 _jwt_decode: Callable[..., Any] = jwt.decode
