@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
-from datetime import UTC, datetime
 from typing import Any, BinaryIO, Final
 
 import orjson
@@ -143,10 +143,28 @@ _SECRET_TOP_LEVEL: Final = frozenset(
 _LEVEL_ALIASES: Final = {"warn": "warning", "exception": "error"}
 
 
+def iso_timestamp(nanoseconds: int) -> str:
+    """Return ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` for a Unix time in nanoseconds.
+
+    The part up to the second is formatted once per second: every event is stamped, and this is about
+    a third cheaper than ``datetime.now(UTC).isoformat()``.
+    """
+    seconds, rest = divmod(nanoseconds, 1_000_000_000)
+    global _stamped_second, _stamped_prefix
+    if seconds != _stamped_second:
+        _stamped_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
+        _stamped_second = seconds
+    return f"{_stamped_prefix}{rest // 1000:06d}Z"
+
+
+_stamped_second = -1
+_stamped_prefix = ""
+
+
 def _stamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """Add ``level`` and an ISO 8601 UTC ``timestamp``: one processor for both, on the hot path."""
     event_dict["level"] = _LEVEL_ALIASES.get(method_name, method_name)
-    event_dict["timestamp"] = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    event_dict["timestamp"] = iso_timestamp(time.time_ns())
     return event_dict
 
 
@@ -162,9 +180,11 @@ def configure(
     stream: BinaryIO | None = None,
 ) -> Redactor:
     """Set up structlog: JSON lines (or console text) on stdout, redacted; return the redactor."""
+    global _info_enabled
+    _info_enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
     redactor = Redactor(secrets)
+    # No contextvars merging: ctsync binds context explicitly, and the processor costs every event.
     processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
         _stamp,
         structlog.processors.format_exc_info,
         redactor,
@@ -182,6 +202,14 @@ def configure(
         cache_logger_on_first_use=True,
     )
     return redactor
+
+
+_info_enabled = True
+
+
+def info_enabled() -> bool:
+    """Return whether INFO events are written, so a hot path can skip building the ones that are not."""
+    return _info_enabled
 
 
 def get_logger(name: str = "ctsync") -> Any:

@@ -163,6 +163,8 @@ class Pipeline:
         self.options = options
         # Bound once: the lazy proxy that get_logger returns re-resolves itself on every call.
         self.log = log if log is not None else audit.get_logger().bind()
+        # Per-message INFO events cost their keyword arguments even when filtered out.
+        self._info = log is not None or audit.info_enabled()
         self.clock = clock
         self.counts = Counts()
         self.health = Health()
@@ -298,6 +300,7 @@ class Pipeline:
     async def _take_in(self, envelopes: Sequence[Envelope]) -> None:
         now = self.clock()
         log = self.log
+        info = self._info
         source = self.source.name
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
@@ -323,16 +326,17 @@ class Pipeline:
                 continue
             key = result.message_key
             self._unsettled[id(envelope)] = (envelope, key)
-            log.info(
-                audit.MESSAGE_RECEIVED,
-                source=source,
-                position=envelope.position,
-                message_key=key,
-                resource_type=result.resource_type,
-                resource_id=result.resource_id,
-                version=result.version,
-                **envelope.source_fields,
-            )
+            if info:
+                log.info(
+                    audit.MESSAGE_RECEIVED,
+                    source=source,
+                    position=envelope.position,
+                    message_key=key,
+                    resource_type=result.resource_type,
+                    resource_id=result.resource_id,
+                    version=result.version,
+                    **envelope.source_fields,
+                )
             decision = self.router.route(result)
             if isinstance(decision, Ignored):
                 log.info(
@@ -373,16 +377,17 @@ class Pipeline:
                 self.counts.stale += 1
                 self._settle(envelope)
             else:
-                duplicate_of_pending = self.outbox.is_pending(key)
+                duplicate_of_pending = info and self.outbox.is_pending(key)
                 if self.outbox.add(route, event, envelope, now):
                     self.counts.coalesced += 1
-                    log.info(
-                        audit.NOTIFICATION_COALESCED,
-                        message_key=key,
-                        scope=route.scope(self.options.debug),
-                        external_id=route.external_id,
-                        duplicate=duplicate_of_pending,
-                    )
+                    if info:
+                        log.info(
+                            audit.NOTIFICATION_COALESCED,
+                            message_key=key,
+                            scope=route.scope(self.options.debug),
+                            external_id=route.external_id,
+                            duplicate=duplicate_of_pending,
+                        )
                 if route.fallback:
                     log.warning(
                         audit.CONFIG_WARNING,
@@ -402,9 +407,10 @@ class Pipeline:
         key = settled[1]
         envelope.ack()
         self.counts.acked += 1
-        self.log.info(
-            audit.MESSAGE_ACKED, message_key=key, position=envelope.position, **envelope.source_fields
-        )
+        if self._info:
+            self.log.info(
+                audit.MESSAGE_ACKED, message_key=key, position=envelope.position, **envelope.source_fields
+            )
         self._room.set()
 
     def _letter(self, envelope: Envelope, reason: str, key: str | None) -> DeadLetter:
@@ -550,17 +556,18 @@ class Pipeline:
         self.counts.requests += 1
         status_label = str(response.status) if response.status is not None else "error"
         self.counts.requests_by_status[status_label] = self.counts.requests_by_status.get(status_label, 0) + 1
-        self.log.info(
-            audit.BATCH_SENT,
-            correlation_id=correlation_id,
-            size=len(entries),
-            status=response.status,
-            attempt=attempt,
-            duration_ms=round(response.duration_ms, 1),
-            message_keys=[key for entry in entries for key in entry.message_keys],
-            notifications=[n.as_json() for n in notifications],
-            detail=response.detail or None,
-        )
+        if self._info:
+            self.log.info(
+                audit.BATCH_SENT,
+                correlation_id=correlation_id,
+                size=len(entries),
+                status=response.status,
+                attempt=attempt,
+                duration_ms=round(response.duration_ms, 1),
+                message_keys=[key for entry in entries for key in entry.message_keys],
+                notifications=[n.as_json() for n in notifications],
+                detail=response.detail or None,
+            )
         return response, correlation_id
 
     async def _settle_batch(

@@ -55,3 +55,17 @@ def test_secret_with_json_escapes_is_scrubbed() -> None:
     raw = stream.getvalue()
     assert secret.encode() not in raw and orjson.dumps(secret)[1:-1] not in raw
     assert lines(stream)[0]["detail"] == f"bad {audit.REDACTED} here"
+
+
+def test_timestamps_are_iso_8601_utc_with_microseconds() -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from consumer.audit import iso_timestamp
+
+    now = time.time_ns()
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    expected = (epoch + timedelta(microseconds=now // 1000)).isoformat(timespec="microseconds")
+    assert iso_timestamp(now) == expected.replace("+00:00", "Z")
+    assert iso_timestamp(0) == "1970-01-01T00:00:00.000000Z"
+    assert iso_timestamp(1_999_999_999) == "1970-01-01T00:00:01.999999Z"
