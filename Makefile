@@ -37,8 +37,14 @@ typecheck: install
 test: install lint typecheck
 	$(BIN)/pytest -q
 
+# Each benchmark starts the servers it needs (tansu, pstest, redis-server, commercetools-mock) and prints
+# ratios against a baseline measured in the same run.
 bench: install
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/kafka.py
+	$(BIN)/python bench/pubsub.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/backfill.py
 
 clean:
 	rm -rf $(VENV) .ctsync .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis
