@@ -676,3 +676,14 @@ def test_settings_are_immutable() -> None:
     s = load()
     with pytest.raises(ValueError):
         s.ipaas_batch_size = 5  # type: ignore[misc]
+
+
+def test_the_example_env_file_names_every_setting_and_nothing_else() -> None:
+    import re
+
+    from consumer.config import SETTING_VARIABLES
+
+    text = (Path(__file__).resolve().parent.parent / "examples" / ".env.example").read_text()
+    named = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
+    assert named == set(SETTING_VARIABLES)
+    assert load_settings(Path(__file__).resolve().parent.parent / "examples" / ".env.example", environ={})
