@@ -63,16 +63,24 @@ class JsonlFileSource:
     """Read payloads from a JSONL file, one envelope per non-blank line; the position is ``path:line``.
 
     Acks and nacks are no-ops: a file has no broker to tell, and re-reading it is safe because delivered
-    keys are remembered. With ``follow``, lines appended later are read too (like ``tail -f``).
+    keys are remembered. With ``follow``, lines appended later are read too (like ``tail -f``). With
+    ``snapshot``, reading stops at the size the file had when opened: a dead-letter replay may append to the
+    very file it reads, and must not read its own output for ever.
     """
 
     name = "file"
 
-    def __init__(self, path: str | Path, *, follow: bool = False, poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self, path: str | Path, *, follow: bool = False, snapshot: bool = False, poll_seconds: float = 0.5
+    ) -> None:
+        if follow and snapshot:
+            raise ValueError("a file source cannot both follow a file and stop at its size")
         self.path = Path(path)
         self.follow = follow
+        self.snapshot = snapshot
         self.poll_seconds = poll_seconds
         self._file: IO[bytes] | None = None
+        self._end: int | None = None
         self._line = 0
         self._partial = b""
         self._eof = False
@@ -81,13 +89,19 @@ class JsonlFileSource:
         """Open the file now, so a missing file is reported at start."""
         if self._file is None:
             self._file = self.path.open("rb")
+            if self.snapshot:
+                self._end = os.fstat(self._file.fileno()).st_size
 
     def _read(self, max_count: int) -> list[Envelope]:
         self.open()
         assert self._file is not None
         envelopes: list[Envelope] = []
         while len(envelopes) < max_count:
-            raw = self._file.readline()
+            if self._end is None:
+                raw = self._file.readline()
+            else:
+                left = self._end - self._file.tell()
+                raw = self._file.readline(left) if left > 0 else b""
             if not raw:
                 self._eof = True
                 break
@@ -106,6 +120,7 @@ class JsonlFileSource:
             fields: dict[str, object] = {"file": str(self.path), "line": self._line}
             if record is not None:
                 fields["dead_letter_reason"] = record.get("reason")
+                fields["dead_letter_time"] = record.get("time")
                 fields["original_position"] = record.get("position")
             envelopes.append(Envelope(body=body, position=f"{self.path}:{self._line}", source_fields=fields))
         else:

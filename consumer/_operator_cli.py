@@ -14,7 +14,7 @@ import click
 
 from consumer import app
 from consumer.config import ConfigError, Settings, load_settings, unknown_variables
-from consumer.ports import Envelope, Fetched, Source
+from consumer.ports import Envelope, Source
 from consumer.routing import ScopeMapError
 
 if TYPE_CHECKING:
@@ -92,17 +92,6 @@ def check(env_file: Path | None, as_json: bool) -> None:
 @main.group()
 def subscription() -> None:
     """Manage the commercetools Subscription that feeds ctsync."""
-
-
-def _operator_settings(env_file: Path | None, command: str) -> Settings:
-    if env_file is not None and not env_file.is_file():
-        _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
-    try:
-        settings = load_settings(env_file, for_command=command)
-    except ConfigError as exc:
-        _config_failure(exc.problems)
-    _configure_stderr_audit(settings, settings.secret_values())
-    return settings
 
 
 def _destination(
@@ -185,7 +174,7 @@ def subscription_ensure(
 
     from consumer import subscription as sub
 
-    settings = _operator_settings(env_file, "dry-run" if dry_run else "subscription ensure")
+    settings = _settings(env_file, "dry-run" if dry_run else "subscription ensure", log_to_stderr=True)
     try:
         types = list(app.router(settings).scope_map.types)
         destination = _destination(settings, kind, pubsub_topic, kafka_topic, kafka_key)
@@ -328,54 +317,6 @@ def dead_letters() -> None:
     """Work with dead letters after a fix."""
 
 
-class _DeadLetterFile:
-    """Read a dead-letter (or payload) file up to the size it had when opened.
-
-    New dead letters of this very replay may be appended to the same file; stopping at the snapshot size
-    keeps the replay finite instead of reading its own output forever.
-    """
-
-    name = "file"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = path.open("rb")
-        self._end = os.fstat(self._file.fileno()).st_size
-        self._line = 0
-
-    def _read(self, max_count: int) -> list[Envelope]:
-        from adapters.files import original_payload
-
-        envelopes: list[Envelope] = []
-        while len(envelopes) < max_count:
-            left = self._end - self._file.tell()
-            if left <= 0:
-                break
-            raw = self._file.readline(left)
-            if not raw:
-                break
-            self._line += 1
-            line = raw.strip()
-            if not line:
-                continue
-            body, record = original_payload(line)
-            fields: dict[str, object] = {"file": str(self.path), "line": self._line}
-            if record is not None:
-                fields["dead_letter_reason"] = record.get("reason")
-                fields["dead_letter_time"] = record.get("time")
-                fields["original_position"] = record.get("position")
-            envelopes.append(Envelope(body=body, position=f"{self.path}:{self._line}", source_fields=fields))
-        return envelopes
-
-    async def fetch(self, max_count: int) -> Fetched:
-        envelopes = await asyncio.to_thread(self._read, max_count)
-        done = self._file.tell() >= self._end
-        return Fetched(envelopes, more_ready=not done, exhausted=done)
-
-    async def close(self) -> None:
-        self._file.close()
-
-
 def _dead_letter_filter(
     reasons: tuple[str, ...], since: datetime | None, until: datetime | None, started: datetime
 ) -> Callable[[Envelope], bool]:
@@ -462,7 +403,10 @@ def dead_letters_replay(
         inner: Source
         try:
             if kind == "file":
-                inner = _DeadLetterFile(Path(name))
+                from adapters.files import JsonlFileSource
+
+                inner = JsonlFileSource(name, snapshot=True)
+                inner.open()
             elif kind == "kafka":
                 from adapters import kafka
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -28,8 +27,8 @@ from consumer.cli import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
+    SignalStop,
     _config_failure,
-    _configure_stderr_audit,
     _describe_runtime,
     _settings,
     _usage_failure,
@@ -154,10 +153,8 @@ def _sweep_command(
         _usage_failure(f"--since/--until: {exc}")
     if start is not None and end is not None and start >= end:
         _usage_failure("--since must be before --until")
-    settings = _settings(env_file, command)
-    if dry_run:
-        # stdout carries what would be notified; the audit log goes to stderr.
-        _configure_stderr_audit(settings, settings.secret_values())
+    # A dry run prints what would be notified on stdout, so the audit log goes to stderr.
+    settings = _settings(env_file, command, log_to_stderr=dry_run)
     try:
         routed = app.router(settings).scope_map.types
     except ScopeMapError as exc:
@@ -322,19 +319,6 @@ async def _sweep_with(
         pipeline.throttle = Throttle(bf.ShareThrottleStore(pipeline.throttle.store, limits), limits)
     ceiling = 0.0 if plan.dry_run else bf.ceiling_per_minute(limits, settings.ipaas_batch_size)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals_seen: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        signals_seen.append(signum)
-        if len(signals_seen) == 1:
-            stop.set()
-        else:
-            pipeline.abandon()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
     started = time.monotonic()
     summary = settings.summary()
     summary["dry_run"] = plan.dry_run or bool(summary.get("dry_run"))
@@ -360,8 +344,10 @@ async def _sweep_with(
 
     progress = asyncio.ensure_future(_draw_progress(line)) if sys.stderr.isatty() else None
     code, error = EXIT_OK, None
+    signals = SignalStop(pipeline)
     try:
-        await pipeline.run(stop)
+        with signals:
+            await pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)
     except Exception as exc:
@@ -372,15 +358,13 @@ async def _sweep_with(
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
             sys.stderr.write("\r\x1b[K")
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         await built.aclose()
     elapsed = time.monotonic() - started
     counts = pipeline.counts.as_dict()
     fields: dict[str, Any] = {
         "command": plan.command,
         "duration_s": round(elapsed, 3),
-        "signal": signal.Signals(signals_seen[0]).name if signals_seen else None,
+        "signal": signals.first,
         "pages": source.counts.pages,
         "resources": source.counts.resources,
         **counts,

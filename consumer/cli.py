@@ -16,7 +16,7 @@ import click
 
 from consumer import app, audit
 from consumer.config import ConfigError, Settings, load_settings, unknown_variables
-from consumer.pipeline import SinkUnusable
+from consumer.pipeline import Pipeline, SinkUnusable
 from consumer.ports import Envelope, Fetched, Source
 from consumer.routing import ScopeMapError
 
@@ -39,7 +39,11 @@ def _config_failure(problems: list[str]) -> NoReturn:
     sys.exit(EXIT_CONFIG)
 
 
-def _settings(env_file: Path | None, command: str) -> Settings:
+def _settings(env_file: Path | None, command: str, *, log_to_stderr: bool = False) -> Settings:
+    """Load and check the settings (exit 2 on a problem) and set up the audit log.
+
+    ``log_to_stderr``: the command prints its own results on stdout, so the log goes to stderr.
+    """
     if env_file is not None and not env_file.is_file():
         _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
     try:
@@ -50,6 +54,7 @@ def _settings(env_file: Path | None, command: str) -> Settings:
         level=settings.ctsync_log_level,
         log_format=settings.ctsync_log_format,
         secrets=settings.secret_values(),
+        stream=sys.stderr.buffer if log_to_stderr else None,
     )
     for name in unknown_variables(os.environ):
         audit.get_logger().warning(audit.CONFIG_WARNING, variable=name, reason="not a ctsync setting (typo?)")
@@ -105,6 +110,41 @@ def _describe(exc: BaseException, variable: str) -> str:
     return str(exc)
 
 
+class SignalStop:
+    """SIGTERM/SIGINT while a pipeline runs: the first asks it to stop (drain, then hand back the rest); a
+    second stops waiting for the drain."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.stop = asyncio.Event()
+        self.seen: list[int] = []
+
+    def __enter__(self) -> SignalStop:
+        loop = asyncio.get_running_loop()
+        for signum in self.SIGNALS:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self.SIGNALS:
+            loop.remove_signal_handler(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self.seen.append(signum)
+        if len(self.seen) == 1:
+            self.stop.set()
+        else:
+            self.pipeline.abandon()
+
+    @property
+    def first(self) -> str | None:
+        """The name of the first signal received, if any."""
+        return signal.Signals(self.seen[0]).name if self.seen else None
+
+
 async def _serve(
     settings: Settings, open_source: Callable[[], Awaitable[Source]], *, command: str, finite: bool
 ) -> int:
@@ -131,20 +171,6 @@ async def _serve(
         log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
         click.echo(f"ctsync: {_describe_runtime(exc)}", err=True)
         return EXIT_FAILURE
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals_seen: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        signals_seen.append(signum)
-        if len(signals_seen) == 1:
-            stop.set()
-        else:
-            # A second signal: stop waiting for the drain; what is in flight is handed back.
-            built.pipeline.abandon()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
     endpoints = None
     if command == "run" and not finite:
         from adapters.endpoints import open_endpoints
@@ -160,15 +186,15 @@ async def _serve(
     log.info(audit.SERVICE_STARTED, command=command, source=source.name, **settings.summary())
     code = EXIT_OK
     error: str | None = None
+    signals = SignalStop(built.pipeline)
     try:
-        await built.pipeline.run(stop)
+        with signals:
+            await built.pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)
     except Exception as exc:
         code, error = EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         if endpoints is not None:
             await endpoints.close()
         await built.aclose()
@@ -176,7 +202,7 @@ async def _serve(
     fields: dict[str, Any] = {
         "command": command,
         "duration_s": round(time.monotonic() - started, 3),
-        "signal": signal.Signals(signals_seen[0]).name if signals_seen else None,
+        "signal": signals.first,
         **counts_dict,
     }
     if error is not None:
