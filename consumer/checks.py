@@ -331,13 +331,40 @@ async def run_checks(
     region = region_result(raw.get("CTP_API_URL"), raw.get("CTP_AUTH_URL"))
     results.append(region)
     if settings is None:
-        for name in ("token", "scopes", "project", "hook", "source"):
+        for name in ("token", "scopes", "project", "hook", "source", "state"):
             results.append(skip(name, "not run: the settings could not be loaded"))
         return results
     results += await _commercetools_checks(settings, region)
     results.append(await _hook_check(settings))
     results.append(await _source_check(settings))
+    results.append(await _state_check(settings))
     return results
+
+
+async def _state_check(settings: Settings) -> CheckResult:
+    """The state store opens and answers: Redis PINGs, a SQLite file can be created or written."""
+    name, state = "state", settings.state
+    if state.kind == "memory":
+        return ok(name, "memory: nothing is remembered across restarts (fine for tests, not for production)")
+    if state.kind == "sqlite":
+        assert state.path is not None
+        folder = state.path.parent
+        if state.path.exists() and os.access(state.path, os.W_OK):
+            return ok(name, f"sqlite: {state.path} is writable")
+        if not state.path.exists() and folder.is_dir() and os.access(folder, os.W_OK):
+            return ok(name, f"sqlite: {state.path} will be created")
+        return fail(name, f"sqlite: {state.path} cannot be written", "check CTSYNC_STATE_URL and permissions")
+    from adapters.state_redis import open_state_store
+
+    try:
+        async with asyncio.timeout(PROBE_SECONDS):
+            store = await open_state_store(settings)
+            await store.close()
+    except (TimeoutError, ConnectionError, OSError) as exc:
+        return fail(
+            name, f"redis: {exc or 'no answer'}", "check CTSYNC_STATE_URL (host, port, password, TLS)"
+        )
+    return ok(name, "redis: answers (shared state and throttle budget)")
 
 
 async def _commercetools_checks(settings: Settings, region: CheckResult) -> list[CheckResult]:

@@ -284,3 +284,16 @@ def test_exit_code_and_rendering() -> None:
     text = checks.render_text(results)
     assert text[1].startswith("FAIL  b  broken") and text[2].strip() == "fix: do this"
     assert text[-1] == "not ready: b"
+
+
+async def test_state_check_reports_redis_and_sqlite(redis_url: str, tmp_path: Path) -> None:
+    from consumer.checks import Status, _state_check
+    from consumer.config import load_settings
+
+    answering = load_settings(environ={"CTSYNC_STATE_URL": redis_url}, for_command="check")
+    assert (await _state_check(answering)).status is Status.OK
+    dead_port = load_settings(environ={"CTSYNC_STATE_URL": "redis://127.0.0.1:1/0"}, for_command="check")
+    result = await _state_check(dead_port)
+    assert result.status is Status.FAIL and "CTSYNC_STATE_URL" in result.fix
+    sqlite = load_settings(environ={"CTSYNC_STATE_URL": f"sqlite:///{tmp_path}/s.db"}, for_command="check")
+    assert (await _state_check(sqlite)).status is Status.OK
