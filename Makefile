@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/ruff format --check consumer adapters tests bench
 
 typecheck: install
-	$(BIN)/mypy --strict consumer
+	$(BIN)/mypy --strict consumer adapters
 
 test: install lint typecheck
 	$(BIN)/pytest -q

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-import uvicorn
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -24,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from adapters._http_server import EmbeddedServer, listen_socket, serve
 from consumer.config import ListenAddress
 from consumer.pipeline import Pipeline
 from consumer.ports import Source
@@ -155,54 +154,26 @@ def endpoints_app(pipeline: Pipeline, source: Source) -> Starlette:
     )
 
 
-class EmbeddedServer(uvicorn.Server):
-    """uvicorn inside our event loop, without its own signal handlers: the CLI owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 class Endpoints:
     """The endpoints server: ``start`` binds (raising OSError if it cannot), ``close`` stops it."""
 
     def __init__(self, app: Any, listen: ListenAddress) -> None:
-        config = uvicorn.Config(
-            app, host=listen.host, port=listen.port, log_level="warning", access_log=False, lifespan="off"
-        )
-        self.server = EmbeddedServer(config)
+        self.app = app
         self.listen = listen
+        self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._socket: socket.socket | None = None
 
     async def start(self) -> None:
-        # Bound here so a taken port is an OSError at start (uvicorn's own binding would exit the process).
-        host = self.listen.host
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, self.listen.port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"CTSYNC_HTTP_LISTEN: cannot listen on {self.listen}: {exc.strerror}") from None
-        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="ctsync-endpoints")
-        while not self.server.started:
-            if self._task.done():
-                self._task.result()
-                raise OSError(f"CTSYNC_HTTP_LISTEN: the endpoints on {self.listen} did not start")
-            await asyncio.sleep(0.01)
-        self._socket = sock
+        sock = listen_socket(self.listen, "CTSYNC_HTTP_LISTEN")
+        self._server, self._task = await serve(self.app, sock, "ctsync-endpoints", log_level="warning")
 
     async def close(self) -> None:
-        if self._task is None:
+        if self._server is None or self._task is None:
             return
-        self.server.should_exit = True
+        self._server.should_exit = True
         with contextlib.suppress(Exception):
             await self._task
-        self._task = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        self._server = self._task = None
 
 
 async def open_endpoints(listen: ListenAddress, pipeline: Pipeline, source: Source) -> Endpoints:

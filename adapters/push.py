@@ -22,19 +22,19 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
 import orjson
-import uvicorn
 from google.auth import jwt
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from adapters._http_server import EmbeddedServer, listen_socket, serve
 from consumer import audit
 from consumer.config import ListenAddress, Settings
 from consumer.ports import Envelope, Fetched, Source
@@ -234,14 +234,6 @@ class OidcVerifier:
 # ------------------------------------------------------------------------------------------------ source
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: the CLI owns SIGTERM/SIGINT and decides shutdown order."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 def _error(status: int, reason: str) -> Response:
     return JSONResponse({"error": reason}, status_code=status)
 
@@ -267,7 +259,7 @@ class PushSource:
         self._arrived = asyncio.Event()
         self._waiting = 0
         self._closing = False
-        self._server: _Server | None = None
+        self._server: EmbeddedServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
 
@@ -280,27 +272,19 @@ class PushSource:
 
     async def start(self, listen: ListenAddress) -> None:
         """Listen on ``listen`` (raising OSError when it cannot) and serve in this event loop."""
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        try:
-            self._socket = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
-        except OSError as exc:
-            raise OSError(f"PUSH_LISTEN: cannot listen on {listen}: {exc.strerror}") from None
-        config = uvicorn.Config(
+        self._socket = listen_socket(listen, "PUSH_LISTEN")
+        self._server, self._serving = await serve(
             self.app,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            server_header=False,
+            self._socket,
+            "ctsync-push",
             timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
         )
-        self._server = _Server(config)
-        self._serving = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="ctsync-push")
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._serving.done():
-                    self._serving.result()
-                    raise ConnectionError(f"PUSH_LISTEN: the endpoint on {listen} stopped at start")
-                await asyncio.sleep(0.01)
+
+    def problem(self) -> str | None:
+        """Why this source is not ready, for /readyz: the endpoint stopped serving."""
+        if self._serving is not None and self._serving.done():
+            return "the push endpoint stopped serving"
+        return None
 
     async def _receive(self, request: Request) -> Response:
         if self._closing:
