@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -296,19 +296,26 @@ def _basic(header: str | None) -> tuple[str | None, str | None]:
     return (client_id, secret) if sep else (None, None)
 
 
-def _sorted_by_id(proxy: CtProxy, method: str, target: str, headers: dict[str, Any]) -> tuple[int, bytes]:
-    """Answer a ``sort=id asc`` query the mock would not sort: fetch up to 500, sort, cut to the limit."""
-    parts = urlsplit(target)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("sort", "limit")]
-    limit = int(dict(parse_qsl(parts.query)).get("limit", "20"))
-    status, _, body = proxy.forward(
-        method, f"{parts.path}?{urlencode([*query, ('limit', '500')])}", headers, b""
-    )
+# More than any test creates: the mock has no upper bound on ``limit``.
+_ALL: int = 1_000_000
+
+
+def sorted_page(
+    forward: Callable[[str, str, dict[str, Any], bytes], tuple[int, Any, bytes]],
+    path: str,
+    query: list[tuple[str, str]],
+    headers: dict[str, Any],
+) -> tuple[int, bytes]:
+    """Answer a ``sort=id asc`` query the mock would not sort: fetch every match, sort by id, cut to the
+    limit (a cursor pager over an unsorted answer would skip resources)."""
+    limit = int(dict(query).get("limit", "20"))
+    rest = [(k, v) for k, v in query if k not in ("sort", "limit", "offset")]
+    status, _, body = forward("GET", f"{path}?{urlencode([*rest, ('limit', str(_ALL))])}", headers, b"")
     if status != 200:
         return status, body
     page = json.loads(body)
     results = sorted(page.get("results", []), key=lambda r: r["id"])[:limit]
-    page.update(results=results, count=len(results), limit=limit)
+    page.update(results=results, count=len(results), limit=limit, offset=0)
     page.pop("total", None)
     return status, json.dumps(page).encode()
 
@@ -383,7 +390,8 @@ def _handler(proxy: CtProxy) -> type[BaseHTTPRequestHandler]:
             }
             query = dict(parse_qsl(urlsplit(self.path).query))
             if self.command == "GET" and query.get("sort") == "id asc":
-                status, answer = _sorted_by_id(proxy, self.command, self.path, headers)
+                parts = urlsplit(self.path)
+                status, answer = sorted_page(proxy.forward, parts.path, parse_qsl(parts.query), headers)
             else:
                 status, _, answer = proxy.forward(self.command, self.path, headers, body)
             self._answer(status, answer)
@@ -436,7 +444,6 @@ def project_key() -> str:
 # --- a sorting front for cursor paging over more than one page (added for the backfill tests) ---
 
 # More than any test creates: the front asks the mock for every match, then sorts and cuts the page itself.
-_ALL: int = 1_000_000
 
 
 class SortingFront:
@@ -469,7 +476,7 @@ class SortingFront:
                 parts = urlsplit(self.path)
                 query = parse_qsl(parts.query)
                 if self.command == "GET" and ("sort", "id asc") in query:
-                    status, answer = front.sorted_page(parts.path, query, headers)
+                    status, answer = sorted_page(front.forward, parts.path, query, headers)
                 else:
                     status, _, answer = front.forward(self.command, self.path, headers, body)
                 self.send_response(status)
@@ -509,22 +516,6 @@ class SortingFront:
             return response.status, response.getheaders(), response.read()
         finally:
             connection.close()
-
-    def sorted_page(
-        self, path: str, query: list[tuple[str, str]], headers: dict[str, Any]
-    ) -> tuple[int, bytes]:
-        limit = int(dict(query).get("limit", "20"))
-        rest = [(k, v) for k, v in query if k not in ("sort", "limit", "offset")]
-        status, _, body = self.forward(
-            "GET", f"{path}?{urlencode([*rest, ('limit', str(_ALL))])}", headers, b""
-        )
-        if status != 200:
-            return status, body
-        page = json.loads(body)
-        results = sorted(page.get("results", []), key=lambda r: r["id"])[:limit]
-        page.update(results=results, count=len(results), limit=limit, offset=0)
-        page.pop("total", None)
-        return status, json.dumps(page).encode()
 
 
 @pytest.fixture(scope="session")
