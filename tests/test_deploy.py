@@ -4,6 +4,7 @@ probes hit the served paths on CTSYNC_HTTP_LISTEN's port, and the drain fits in 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -213,10 +214,39 @@ def test_dockerfile_final_stage_is_slim_and_unprivileged() -> None:
         assert tool not in body, tool
     assert 'ENTRYPOINT ["ctsync"]' in final
     assert 'CMD ["run"]' in final
-    healthcheck = next(line for line in final if line.upper().startswith("HEALTHCHECK"))
-    assert "urllib" in healthcheck and "http://127.0.0.1:9000/healthz" in healthcheck
+    check_at = next(i for i, line in enumerate(final) if line.upper().startswith("HEALTHCHECK"))
+    healthcheck = " ".join(final[check_at : check_at + 2])
+    assert "urllib" in healthcheck and "CTSYNC_HTTP_LISTEN" in healthcheck and "/healthz" in healthcheck
     assert "build-essential" in "\n".join(stages[0]), "the builder stage is where compilers belong"
 
 
 def test_the_secret_holds_placeholders_only() -> None:
     assert all(value.startswith("replace-with-") for value in one("Secret")["stringData"].values())
+
+
+def test_the_image_healthcheck_asks_healthz_on_the_configured_port(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    command = json.loads(re.search(r"HEALTHCHECK[^\[]*CMD (\[.*\])", text).group(1))  # type: ignore[union-attr]
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    env = {"CTSYNC_HTTP_LISTEN": f"0.0.0.0:{server.server_address[1]}", "PATH": os.environ.get("PATH", "")}
+    done = subprocess.run([sys.executable, *command[1:]], env=env, timeout=20)
+    server.server_close()
+    assert done.returncode == 0 and asked == ["/healthz"]
