@@ -719,6 +719,13 @@ class Settings(BaseSettings):
                 "PUBSUB_SUBSCRIPTION",
                 "CTSYNC_SOURCE",
             )
+        if kind == "push" and self.push_service_account is not None and self.push_audience is None:
+            # Without an audience no token is verified at all, so the account would silently check nothing.
+            problem(
+                "PUSH_SERVICE_ACCOUNT: set, but tokens are verified only when PUSH_AUDIENCE is set too",
+                "PUSH_SERVICE_ACCOUNT",
+                "PUSH_AUDIENCE",
+            )
         if kind == "push" and _same_socket(self.push_listen, self.ctsync_http_listen):
             problem(
                 f"PUSH_LISTEN: {self.push_listen} is also CTSYNC_HTTP_LISTEN's address "

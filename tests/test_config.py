@@ -687,3 +687,12 @@ def test_the_example_env_file_names_every_setting_and_nothing_else() -> None:
     named = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
     assert named == set(SETTING_VARIABLES)
     assert load_settings(Path(__file__).resolve().parent.parent / "examples" / ".env.example", environ={})
+
+
+def test_a_push_service_account_without_an_audience_is_a_problem() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            environ={"CTSYNC_SOURCE": "push", "PUSH_SERVICE_ACCOUNT": "push@p.iam.gserviceaccount.com"},
+            for_command="run",
+        )
+    assert any(p.startswith("PUSH_SERVICE_ACCOUNT:") and "PUSH_AUDIENCE" in p for p in caught.value.problems)
