@@ -138,6 +138,10 @@ class KafkaSource:
             return f"the Kafka poller failed: {poller.exception()!r}"
         if not self.joined:
             return "not yet joined the consumer group"
+        # aiokafka forgets the coordinator when it stops answering (broker down or unreachable).
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if coordinator is not None and getattr(coordinator, "coordinator_id", 0) is None:
+            return "the group coordinator does not answer (broker unreachable?)"
         return None
 
     def lag(self) -> dict[Partition, int]:

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 from hookserver import Fault, HookServer
-from kafkaserver import CTSYNC, Ctsync, Kafka
+from kafkaserver import CTSYNC, Ctsync, Kafka, start_tansu, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.kafka import client_options
@@ -281,3 +281,28 @@ async def test_dead_letters_on_a_topic_are_replayed_after_a_fix(
     assert done.returncode == 0, done.stderr
     assert "bad-0" in notified_ids(hook_server)
     assert not (tmp_path / "again.jsonl").exists()
+
+
+async def test_readiness_follows_the_broker(
+    hook_server: HookServer, ctsync_process: Callable[..., Ctsync], tmp_path: Path
+) -> None:
+    # A broker of this test's own, so stopping it leaves the session's broker alone.
+    broker, bootstrap = start_tansu(tmp_path / "tansu.log")
+    try:
+        own = Kafka(bootstrap)
+        topic = await own.create_topic(partitions=1)
+        await own.produce(topic, updates(5, 5))
+        service = ctsync_process(kafka_env(own, topic, f"g-{uuid.uuid4().hex[:8]}", hook_server))
+        service.wait_for(lambda: len(service.events("message.acked")) >= 5, message="5 acks")
+        base = f"http://{service.env['CTSYNC_HTTP_LISTEN']}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            stop_process(broker)
+            deadline = asyncio.get_running_loop().time() + 60
+            while (answer := await client.get("/readyz")).status_code == 200:
+                assert asyncio.get_running_loop().time() < deadline, "still ready without a broker"
+                await asyncio.sleep(0.5)
+            assert "coordinator" in answer.text
+        service.kill()
+    finally:
+        stop_process(broker)
