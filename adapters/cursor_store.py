@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from adapters._sqlite import SqliteThread
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -60,25 +60,14 @@ class SqliteCursorStore:
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctsync-cursors")
-        self._db: sqlite3.Connection | None = None
+        self._sqlite = SqliteThread(self.path, _SCHEMA, name="ctsync-cursors", busy_timeout=30.0)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            self._db = db
-        return fn(self._db)
+        return await self._sqlite.run(fn)
 
     async def open(self) -> None:
-        """Create the table now, so a bad path fails at start."""
-        await self._run(lambda db: None)
+        """Create the file and schema now, so a bad path fails at start."""
+        await self._sqlite.open()
 
     async def get(self, name: str) -> str | None:
         def read(db: sqlite3.Connection) -> str | None:
@@ -103,13 +92,7 @@ class SqliteCursorStore:
         await self._run(lambda db: db.execute("DELETE FROM backfill_cursors WHERE name = ?", (name,)))
 
     async def close(self) -> None:
-        def shut(db: sqlite3.Connection) -> None:
-            db.close()
-
-        if self._db is not None:
-            await self._run(shut)
-            self._db = None
-        self._executor.shutdown(wait=True)
+        await self._sqlite.close()
 
 
 class RedisCursorStore:

@@ -6,14 +6,13 @@ each port call is one transaction on that thread.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from adapters._sqlite import SqliteThread
 from consumer.ports import StateView
 
 _T = TypeVar("_T")
@@ -44,27 +43,15 @@ class SqliteStateStore:
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctsync-sqlite")
-        self._db: sqlite3.Connection | None = None
+        self._sqlite = SqliteThread(self.path, _SCHEMA, name="ctsync-sqlite", busy_timeout=5.0)
         self._last_purge = 0.0
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            self._db = db
-        return fn(self._db)
+        return await self._sqlite.run(fn)
 
     async def open(self) -> None:
-        """Create the file and schema now, so a bad path fails at start rather than at first delivery."""
-        await self._run(lambda db: None)
+        """Create the file and schema now, so a bad path fails at start."""
+        await self._sqlite.open()
 
     async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
         keys, resources = list(message_keys), list(resource_keys)
@@ -123,10 +110,4 @@ class SqliteStateStore:
         await self._run(write)
 
     async def close(self) -> None:
-        def shut(db: sqlite3.Connection) -> None:
-            db.close()
-
-        if self._db is not None:
-            await self._run(shut)
-            self._db = None
-        self._executor.shutdown(wait=True)
+        await self._sqlite.close()
