@@ -264,14 +264,7 @@ class CtProxy:
     def forward(
         self, method: str, target: str, headers: dict[str, Any], body: bytes
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=10)
-        try:
-            sent = {k: v for k, v in headers.items() if v is not None}
-            connection.request(method, target, body=body or None, headers=sent)
-            response = connection.getresponse()
-            return response.status, response.getheaders(), response.read()
-        finally:
-            connection.close()
+        return _forward(self.upstream_port, method, target, headers, body, timeout=10)
 
 
 def _oauth_error(status: int, code: str, message: str) -> dict[str, Any]:
@@ -294,6 +287,20 @@ def _basic(header: str | None) -> tuple[str | None, str | None]:
         return None, None
     client_id, sep, secret = decoded.partition(":")
     return (client_id, secret) if sep else (None, None)
+
+
+def _forward(
+    port: int, method: str, target: str, headers: dict[str, Any], body: bytes, *, timeout: float
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Send one request to the mock on ``port`` as it came (headers that are None left out)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        sent = {k: v for k, v in headers.items() if v is not None}
+        connection.request(method, target, body=body or None, headers=sent)
+        response = connection.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        connection.close()
 
 
 # More than any test creates: the mock has no upper bound on ``limit``.
@@ -508,14 +515,7 @@ class SortingFront:
     def forward(
         self, method: str, target: str, headers: dict[str, Any], body: bytes
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
-        try:
-            sent = {k: v for k, v in headers.items() if v is not None}
-            connection.request(method, target, body=body or None, headers=sent)
-            response = connection.getresponse()
-            return response.status, response.getheaders(), response.read()
-        finally:
-            connection.close()
+        return _forward(self.upstream_port, method, target, headers, body, timeout=30)
 
 
 @pytest.fixture(scope="session")
