@@ -6,11 +6,12 @@ Event names are the contract's fixed strings; context is passed as fields, never
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, BinaryIO, Final
 
 import orjson
@@ -180,9 +181,10 @@ def configure(
     stream: BinaryIO | None = None,
 ) -> Redactor:
     """Set up structlog: JSON lines (or console text) on stdout, redacted; return the redactor."""
-    global _info_enabled
+    global _info_enabled, _info_writer
     _info_enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
     redactor = Redactor(secrets)
+    _info_writer = None
     # No contextvars merging: ctsync binds context explicitly, and the processor costs every event.
     processors: list[Processor] = [
         _stamp,
@@ -194,7 +196,10 @@ def configure(
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
         processors += [structlog.processors.JSONRenderer(serializer=_orjson_dumps), redactor.scrub_rendered]
-        factory = structlog.BytesLoggerFactory(stream or sys.stdout.buffer)
+        target = stream or sys.stdout.buffer
+        factory = structlog.BytesLoggerFactory(target)
+        if _info_enabled:
+            _info_writer = _InfoLines(target, redactor).write
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
@@ -204,7 +209,55 @@ def configure(
     return redactor
 
 
+class _InfoLines:
+    """Write INFO events as JSON lines straight to the audit stream, skipping structlog's machinery.
+
+    The per-message events (received, coalesced, acked) are most of the log's volume, and structlog costs
+    about 8 µs an event on this path against about 1.5 µs here. The line is the one structlog would write:
+    the same fields, stamp, redaction by name and by value. It goes to the same stream object, so lines
+    keep their order; structlog's logger flushes after every line, and this writer flushes once per event
+    loop turn (or at once outside a loop), so a burst of lines costs one flush, not one each.
+    """
+
+    def __init__(self, stream: BinaryIO, redactor: Redactor) -> None:
+        self._stream = stream
+        self._redactor = redactor
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def write(self, event: str, fields: dict[str, Any]) -> None:
+        fields["event"] = event
+        fields["level"] = "info"
+        fields["timestamp"] = iso_timestamp(time.time_ns())
+        redactor = self._redactor
+        line = redactor.scrub_rendered(
+            None, "info", orjson.dumps(redactor(None, "info", fields), default=str, option=_NEWLINE)
+        )
+        self._stream.write(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._stream.flush()
+            return
+        # Compared by identity, not a flag: a loop closed before its flush ran must not stall later ones.
+        if loop is not self._flush_on:
+            self._flush_on = loop
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_on = None
+        self._stream.flush()
+
+
+_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 _info_enabled = True
+_info_writer: Callable[[str, dict[str, Any]], None] | None = None
+
+
+def info_writer() -> Callable[[str, dict[str, Any]], None] | None:
+    """Return a function writing one INFO event (name, fields) as a JSON audit line, for hot paths; None
+    when INFO is filtered out or lines are not JSON (then log through ``get_logger`` as usual). The
+    function takes ownership of the fields dict."""
+    return _info_writer
 
 
 def info_enabled() -> bool:

@@ -165,6 +165,7 @@ class Pipeline:
         self.log = log if log is not None else audit.get_logger().bind()
         # Per-message INFO events cost their keyword arguments even when filtered out.
         self._info = log is not None or audit.info_enabled()
+        self._info_line = (audit.info_writer() if log is None else None) or self._log_info
         self.clock = clock
         self.counts = Counts()
         self.health = Health()
@@ -301,6 +302,7 @@ class Pipeline:
         now = self.clock()
         log = self.log
         info = self._info
+        line = self._info_line
         source = self.source.name
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
@@ -309,12 +311,11 @@ class Pipeline:
             self.counts.received += 1
             result = parse(envelope.body)
             if isinstance(result, InvalidMessage):
-                log.info(
-                    audit.MESSAGE_RECEIVED,
-                    source=source,
-                    position=envelope.position,
-                    **envelope.source_fields,
-                )
+                if info:
+                    line(
+                        audit.MESSAGE_RECEIVED,
+                        {"source": source, "position": envelope.position, **envelope.source_fields},
+                    )
                 log.warning(
                     audit.MESSAGE_INVALID,
                     reason=result.reason,
@@ -327,25 +328,30 @@ class Pipeline:
             key = result.message_key
             self._unsettled[id(envelope)] = (envelope, key)
             if info:
-                log.info(
+                line(
                     audit.MESSAGE_RECEIVED,
-                    source=source,
-                    position=envelope.position,
-                    message_key=key,
-                    resource_type=result.resource_type,
-                    resource_id=result.resource_id,
-                    version=result.version,
-                    **envelope.source_fields,
+                    {
+                        "source": source,
+                        "position": envelope.position,
+                        "message_key": key,
+                        "resource_type": result.resource_type,
+                        "resource_id": result.resource_id,
+                        "version": result.version,
+                        **envelope.source_fields,
+                    },
                 )
             decision = self.router.route(result)
             if isinstance(decision, Ignored):
-                log.info(
-                    audit.MESSAGE_IGNORED,
-                    message_key=key,
-                    reason=decision.reason,
-                    resource_type=result.resource_type,
-                    resource_id=result.resource_id,
-                )
+                if info:
+                    line(
+                        audit.MESSAGE_IGNORED,
+                        {
+                            "message_key": key,
+                            "reason": decision.reason,
+                            "resource_type": result.resource_type,
+                            "resource_id": result.resource_id,
+                        },
+                    )
                 self.counts.ignored += 1
                 self._settle(envelope)
                 continue
@@ -362,18 +368,22 @@ class Pipeline:
         for (envelope, event, route), judgement in zip(routed, judgements, strict=True):
             key = event.message_key
             if judgement.verdict is Verdict.DUPLICATE:
-                log.info(audit.MESSAGE_DUPLICATE, message_key=key, watermark=judgement.watermark)
+                if info:
+                    line(audit.MESSAGE_DUPLICATE, {"message_key": key, "watermark": judgement.watermark})
                 self.counts.duplicate += 1
                 self._settle(envelope)
             elif judgement.verdict is Verdict.STALE:
-                log.info(
-                    audit.MESSAGE_STALE,
-                    message_key=key,
-                    version=event.version,
-                    watermark=judgement.watermark,
-                    resource_type=event.resource_type,
-                    resource_id=event.resource_id,
-                )
+                if info:
+                    line(
+                        audit.MESSAGE_STALE,
+                        {
+                            "message_key": key,
+                            "version": event.version,
+                            "watermark": judgement.watermark,
+                            "resource_type": event.resource_type,
+                            "resource_id": event.resource_id,
+                        },
+                    )
                 self.counts.stale += 1
                 self._settle(envelope)
             else:
@@ -381,12 +391,14 @@ class Pipeline:
                 if self.outbox.add(route, event, envelope, now):
                     self.counts.coalesced += 1
                     if info:
-                        log.info(
+                        line(
                             audit.NOTIFICATION_COALESCED,
-                            message_key=key,
-                            scope=route.scope(self.options.debug),
-                            external_id=route.external_id,
-                            duplicate=duplicate_of_pending,
+                            {
+                                "message_key": key,
+                                "scope": route.scope(self.options.debug),
+                                "external_id": route.external_id,
+                                "duplicate": duplicate_of_pending,
+                            },
                         )
                 if route.fallback:
                     log.warning(
@@ -398,6 +410,9 @@ class Pipeline:
                     )
         self._changed.set()
 
+    def _log_info(self, event: str, fields: dict[str, Any]) -> None:
+        self.log.info(event, **fields)
+
     # ----------------------------------------------------------------------------------------- settling
 
     def _settle(self, envelope: Envelope) -> None:
@@ -408,8 +423,9 @@ class Pipeline:
         envelope.ack()
         self.counts.acked += 1
         if self._info:
-            self.log.info(
-                audit.MESSAGE_ACKED, message_key=key, position=envelope.position, **envelope.source_fields
+            self._info_line(
+                audit.MESSAGE_ACKED,
+                {"message_key": key, "position": envelope.position, **envelope.source_fields},
             )
         self._room.set()
 
@@ -557,16 +573,18 @@ class Pipeline:
         status_label = str(response.status) if response.status is not None else "error"
         self.counts.requests_by_status[status_label] = self.counts.requests_by_status.get(status_label, 0) + 1
         if self._info:
-            self.log.info(
+            self._info_line(
                 audit.BATCH_SENT,
-                correlation_id=correlation_id,
-                size=len(entries),
-                status=response.status,
-                attempt=attempt,
-                duration_ms=round(response.duration_ms, 1),
-                message_keys=[key for entry in entries for key in entry.message_keys],
-                notifications=[n.as_json() for n in notifications],
-                detail=response.detail or None,
+                {
+                    "correlation_id": correlation_id,
+                    "size": len(entries),
+                    "status": response.status,
+                    "attempt": attempt,
+                    "duration_ms": round(response.duration_ms, 1),
+                    "message_keys": [key for entry in entries for key in entry.message_keys],
+                    "notifications": [n.as_json() for n in notifications],
+                    "detail": response.detail or None,
+                },
             )
         return response, correlation_id
 

@@ -1,3 +1,4 @@
+import asyncio
 import io
 
 import orjson
@@ -69,3 +70,64 @@ def test_timestamps_are_iso_8601_utc_with_microseconds() -> None:
     assert iso_timestamp(now) == expected.replace("+00:00", "Z")
     assert iso_timestamp(0) == "1970-01-01T00:00:00.000000Z"
     assert iso_timestamp(1_999_999_999) == "1970-01-01T00:00:01.999999Z"
+
+
+def test_hot_path_info_lines_are_structlog_lines_in_order_and_redacted() -> None:
+    stream = io.BytesIO()
+    audit.configure(level="INFO", secrets=["s3cr3t-value"], stream=stream)
+    write = audit.info_writer()
+    assert write is not None
+    log = structlog.get_logger("test")
+    log.info(audit.MESSAGE_ACKED, message_key="k1", position="p:1", topic="t")
+    write(audit.MESSAGE_ACKED, {"message_key": "k2", "position": "p:2", "topic": "t"})
+    log.warning(audit.MESSAGE_INVALID, reason="x")
+    write(
+        audit.BATCH_SENT,
+        {"detail": "token s3cr3t-value", "token": "abc", "notifications": [{"password": "p"}]},
+    )
+    first, second, third, fourth = lines(stream)
+    assert [e["event"] for e in (first, second, third, fourth)] == [
+        "message.acked",
+        "message.acked",
+        "message.invalid",
+        "batch.sent",
+    ]
+    assert list(first) == list(second) and second["level"] == "info" and second["message_key"] == "k2"
+    assert str(second["timestamp"]).endswith("Z")
+    assert fourth["detail"] == f"token {audit.REDACTED}" and fourth["token"] == audit.REDACTED
+    assert fourth["notifications"] == [{"password": audit.REDACTED}]
+
+
+def test_hot_path_info_lines_are_flushed_once_per_loop_turn() -> None:
+    class CountingStream(io.BytesIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    stream = CountingStream()
+    audit.configure(level="INFO", stream=stream)
+    write = audit.info_writer()
+    assert write is not None
+
+    async def burst() -> None:
+        before = stream.flushes
+        for i in range(100):
+            write(audit.MESSAGE_ACKED, {"message_key": f"k{i}"})
+        assert stream.flushes == before
+        await asyncio.sleep(0)
+        assert stream.flushes == before + 1
+
+    asyncio.run(burst())
+    asyncio.run(burst())  # a new loop gets its own flush
+    write(audit.MESSAGE_ACKED, {"message_key": "outside a loop"})  # flushed at once
+    assert stream.flushes == 3 and len(lines(stream)) == 201
+
+
+def test_no_hot_path_writer_when_info_is_filtered_or_lines_are_text() -> None:
+    audit.configure(level="WARNING", stream=io.BytesIO())
+    assert audit.info_writer() is None
+    audit.configure(level="INFO", log_format="console")
+    assert audit.info_writer() is None
+    audit.configure(level="INFO", stream=io.BytesIO())
+    assert audit.info_writer() is not None
