@@ -1,5 +1,6 @@
 import base64
 import copy
+import importlib.util
 import json
 from collections import Counter
 from dataclasses import replace
@@ -17,10 +18,13 @@ from consumer.messages import (
     ChangeEvent,
     InvalidMessage,
     NotificationType,
+    _parse_fast,
+    _parse_slow,
     parse,
 )
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "commercetools-sample.jsonl"
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "pipeline.py"
 
 ORDER_ID = "a1b2c3d4-0000-4000-8000-000000000042"
 MESSAGE_ID = "3f9a1c2e-7b1d-4d8e-9a55-0c1f2b3a4d5e"
@@ -830,3 +834,263 @@ def test_sample_file_composition() -> None:
     assert [e.message_type for e in events if e.created_by_client_id == "ipaas-sync-client"] == [
         "CustomerEmailChanged"
     ]
+
+
+# ------------------------------------------------------------------------------------------- fast path
+# parse takes a fast path for the common Platform payloads and falls back to the checking parser for
+# anything else: the two must give the same results, to the last identifier and key.
+
+
+def assert_same_as_slow_path(body: bytes) -> str:
+    """Assert parse and the checking parser agree on ``body``; say what the fast path made of it."""
+    fast, slow = parse(body), _parse_slow(body)
+    assert type(fast) is type(slow), (fast, slow)
+    assert fast == slow
+    if isinstance(fast, ChangeEvent) and isinstance(slow, ChangeEvent):
+        # Every slot, the derived keys included, with its type (6.0 == 6), and the identifiers in the order
+        # the payload gave them.
+        for name in ChangeEvent.__slots__:
+            assert getattr(fast, name) == getattr(slow, name), name
+            assert type(getattr(fast, name)) is type(getattr(slow, name)), name
+        assert (fast.message_key, fast.resource_key) == (slow.message_key, slow.resource_key)
+        assert list(fast.identifiers.items()) == list(slow.identifiers.items())
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "not JSON to orjson"
+    if type(document) is not dict or "specversion" in document:
+        return "not offered"
+    try:
+        taken = _parse_fast(document)
+    except Exception:
+        taken = None
+    if taken is None:
+        return "fell back " + ("(valid)" if isinstance(slow, ChangeEvent) else "(invalid)")
+    assert taken == slow
+    return "taken"
+
+
+FAST_PATH_PAYLOADS = [
+    message(),
+    _without(message(payloadNotIncluded={"reason": "too big", "payloadType": "OrderImported"}), "type"),
+    message(payloadNotIncluded={"reason": "too large", "payloadType": "Other"}),
+    change("ResourceCreated"),
+    change("ResourceUpdated"),
+    change("ResourceDeleted"),
+    change(resourceUserProvidedIdentifiers={"sku": "A-1", "slug": {"en": "a"}, "key": "a", "externalId": ""}),
+    message(createdBy={"clientId": 3}, lastModifiedBy={"clientId": "b"}),
+    message(createdBy="erp", projectKey="", sequenceNumber=None, version="not looked at"),
+]
+
+
+@pytest.mark.parametrize("payload", FAST_PATH_PAYLOADS)
+def test_fast_path_takes_common_payloads(payload: dict[str, Any]) -> None:
+    body = dumps(payload)
+    taken = _parse_fast(orjson.loads(body))
+    assert taken is not None
+    assert taken == _parse_slow(body)
+    assert (taken.message_key, taken.resource_key) == (
+        parsed(body).message_key,
+        parsed(body).resource_key,
+    )
+    assert_same_as_slow_path(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Where a typed msgspec decoder, skipping unknown fields, would accept what orjson refuses.
+        dumps(change())[:-1] + b',"x":1e400}',
+        dumps(change())[:-1] + b',"x":' + b"9" * 400 + b"}",
+        dumps(change())[:-1] + b',"x":"\xff"}',
+        dumps(change())[:-1] + b',"x":' + b"[" * 1100 + b"]" * 1100 + b"}",
+        # Duplicate keys: orjson keeps the last.
+        dumps(change())[:-1] + b',"version":null}',
+        dumps(change())[:-1] + b',"version":7}',
+        b'{"version":null,' + dumps(change())[1:],
+        dumps(message())[:-1] + b',"resource":{"typeId":"order","id":"x","id":""}}',
+        dumps(change())[:-1] + b',"resourceUserProvidedIdentifiers":{"key":"a","sku":"b","key":"c"}}',
+        # Escaped keys name the same field.
+        b'{"notificationType":"ResourceUpdated","resource":{"t\\u0079peId":"order","id":"x"},"version":1}',
+        # Big integers: orjson reads those beyond 64 bits as floats.
+        json.dumps(change(version=2**64)).encode(),
+        json.dumps(change(version=2**63)).encode(),
+        json.dumps(message(sequenceNumber=10**30)).encode(),
+        json.dumps(change(oldVersion=10**30)).encode(),
+        dumps(change(version=MAX_VERSION + 1)),
+        dumps(message(sequenceNumber=MAX_VERSION + 1)),
+        dumps(message(sequenceNumber=-1)),
+        dumps(message(sequenceNumber=True)),
+        dumps(message(resourceVersion=9.0)),
+        # A BOM, and the CloudEvents and beta event formats, which take the slow path.
+        b"\xef\xbb\xbf" + dumps(message()),
+        dumps(cloud_event(message())),
+        dumps(beta_event()),
+        dumps({"notificationType": "Message", "specversion": "1.0"} | message()),
+        # Nulls, empty strings and wrong types where the fast path reads.
+        dumps(message(type=None, payloadNotIncluded={"payloadType": ""})),
+        dumps(message(type="", payloadNotIncluded={"payloadType": "X"})),
+        dumps(message(type=None, payloadNotIncluded=[])),
+        dumps(message(payloadNotIncluded=None)),
+        dumps(message(projectKey=None)),
+        dumps(message(resource={"typeId": "order", "id": ORDER_ID, "extra": None})),
+        dumps(change(resourceUserProvidedIdentifiers="key")),
+        dumps(change(notificationType=["ResourceUpdated"])),
+        dumps(change(notificationType={"a": 1})),
+        b"[]",
+        b"null",
+    ],
+)
+def test_fast_path_corners_agree(body: bytes) -> None:
+    assert_same_as_slow_path(body)
+
+
+def test_fast_path_serves_the_benchmark_mix() -> None:
+    # The payloads bench/pipeline.py feeds the pipeline: all of them must stay on the fast path.
+    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for body in bench.payloads(200, 50):
+        assert _parse_fast(orjson.loads(body)) is not None
+        assert_same_as_slow_path(body)
+
+
+nasty_values = (
+    st.none()
+    | st.booleans()
+    | st.just("")
+    | st.integers()
+    | st.sampled_from(
+        [0, -1, 1, MAX_VERSION, MAX_VERSION + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**30, -(2**63) - 1]
+    )
+    | st.sampled_from([0.0, 6.0, -1.5, 1e300, 1e-300])
+    | st.text(max_size=6)
+    | st.sampled_from(INTERESTING_STRINGS)
+    | st.builds(dict)
+    | st.builds(list)
+    | json_values
+)
+
+
+def _json_text(value: Any, duplicates: dict[int, tuple[int, str, Any]]) -> str:
+    """JSON text, with one extra (possibly duplicate) key in the objects ``duplicates`` names by id."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+        if id(value) in duplicates:
+            position, key, extra = duplicates[id(value)]
+            pairs.insert(position % (len(pairs) + 1), (key, extra))
+        inner = ",".join(json.dumps(k) + ":" + _json_text(v, duplicates) for k, v in pairs)
+        return "{" + inner + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_json_text(v, duplicates) for v in value) + "]"
+    return json.dumps(value)
+
+
+EQUIVALENCE_SETTINGS = settings(
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+
+
+@EQUIVALENCE_SETTINGS
+@given(st.sampled_from(VALID_PAYLOADS + FAST_PATH_PAYLOADS), st.data())
+def test_fast_path_agrees_with_slow_path(payload: dict[str, Any], data: st.DataObject) -> None:
+    mutated = copy.deepcopy(payload)
+    for _ in range(data.draw(st.integers(0, 4), label="mutations")):
+        paths = _paths(mutated)
+        if not paths:
+            break
+        path = data.draw(st.sampled_from(paths), label="path")
+        parent = mutated
+        for step in path[:-1]:
+            parent = parent[step]
+        action = data.draw(st.sampled_from(["delete", "replace", "add"]), label="action")
+        if action == "delete":
+            del parent[path[-1]]
+        elif action == "replace":
+            parent[path[-1]] = data.draw(nasty_values, label="replacement")
+        elif isinstance(parent, dict):
+            parent[data.draw(keys, label="new key")] = data.draw(nasty_values, label="added")
+    duplicates: dict[int, tuple[int, str, Any]] = {}
+    if data.draw(st.booleans(), label="duplicate a key"):
+        objects = [mutated] + [_at(mutated, p) for p in _paths(mutated)]
+        target = data.draw(st.sampled_from([o for o in objects if isinstance(o, dict)]), label="object")
+        key = data.draw(st.sampled_from(sorted(target)) | keys if target else keys, label="duplicate key")
+        duplicates[id(target)] = (data.draw(st.integers(0, 20)), key, data.draw(nasty_values))
+    text = _json_text(mutated, duplicates)
+    if not duplicates and data.draw(st.booleans(), label="raw UTF-8"):
+        # Raw UTF-8 rather than \u escapes, as orjson writes it.
+        text = json.dumps(mutated, ensure_ascii=False)
+    event("fast path: " + assert_same_as_slow_path(text.encode()))
+
+
+def _at(value: Any, path: tuple[Any, ...]) -> Any:
+    for step in path:
+        value = value[step]
+    return value
+
+
+@PROPERTY_SETTINGS
+@given(
+    st.sampled_from(FAST_PATH_PAYLOADS),
+    st.integers(0, 10_000),
+    st.binary(min_size=1, max_size=4) | st.sampled_from([b"\xef\xbb\xbf", b" ", b"\\u", b"\x00", b"e400"]),
+    st.booleans(),
+)
+def test_fast_path_agrees_on_damaged_bytes(
+    payload: dict[str, Any], position: int, chunk: bytes, overwrite: bool
+) -> None:
+    body = dumps(payload)
+    at = position % (len(body) + 1)
+    damaged = body[:at] + chunk + body[at + (len(chunk) if overwrite else 0) :]
+    event("fast path: " + assert_same_as_slow_path(damaged))
+
+
+@PROPERTY_SETTINGS
+@given(json_values)
+def test_fast_path_agrees_on_any_json(value: Any) -> None:
+    event("fast path: " + assert_same_as_slow_path(json.dumps(value).encode()))
+
+
+FIELDS_READ: list[tuple[str, ...]] = [
+    ("notificationType",),
+    ("specversion",),
+    ("id",),
+    ("type",),
+    ("resource",),
+    ("resource", "typeId"),
+    ("resource", "id"),
+    ("version",),
+    ("resourceVersion",),
+    ("sequenceNumber",),
+    ("projectKey",),
+    ("resourceUserProvidedIdentifiers",),
+    *[("resourceUserProvidedIdentifiers", name) for name in sorted(IDENTIFIER_FIELDS)],
+    ("resourceUserProvidedIdentifiers", "slug"),
+    ("payloadNotIncluded",),
+    ("payloadNotIncluded", "payloadType"),
+    ("createdBy",),
+    ("createdBy", "clientId"),
+    ("lastModifiedBy",),
+    ("lastModifiedBy", "clientId"),
+]
+
+
+@EQUIVALENCE_SETTINGS
+@given(st.sampled_from(FAST_PATH_PAYLOADS), st.data())
+def test_fast_path_agrees_on_edited_fields(payload: dict[str, Any], data: st.DataObject) -> None:
+    # The general mutations above rarely leave a payload valid but for one odd field the fast path
+    # reads; these edit only such fields.
+    edited = copy.deepcopy(payload)
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        path = data.draw(st.sampled_from(FIELDS_READ), label="field")
+        parent = edited
+        for step in path[:-1]:
+            if not isinstance(parent.get(step), dict):
+                parent[step] = {}
+            parent = parent[step]
+        if data.draw(st.booleans(), label="delete"):
+            parent.pop(path[-1], None)
+        else:
+            parent[path[-1]] = data.draw(nasty_values, label="value")
+    event("fast path: " + assert_same_as_slow_path(json.dumps(edited).encode()))
