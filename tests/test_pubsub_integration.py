@@ -321,3 +321,38 @@ def test_dead_letters_replay_from_a_pubsub_subscription(
     events = [orjson.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     acked = [e for e in events if e["event"] == "message.acked"]
     assert len(acked) == 5 and all(e["dead_letter_reason"].startswith("hook rejected") for e in acked)
+
+
+async def test_messages_are_handed_over_on_the_stream_thread_and_acked(pubsub_testbed: PubSubTestbed) -> None:
+    """The source's own scheduler runs the hand-over on the client's stream thread, not a callback pool,
+    and acks made on the loop still reach the server through the client's dispatcher."""
+    import asyncio
+    import threading
+
+    from adapters import pubsub
+    from consumer.config import load_settings
+
+    bodies = updates(20, "h")
+    pubsub_testbed.publish(bodies)
+    threads: set[str] = set()
+
+    class Recording(pubsub.PubSubSource):
+        def on_message(self, message: Any) -> None:
+            threads.add(threading.current_thread().name)
+            super().on_message(message)
+
+    settings = load_settings(environ=pubsub_testbed.env())
+    source = Recording(pubsub_testbed.subscription)
+    source.start(pubsub.subscriber_client(settings), pubsub.flow_control(100))
+    received: list[bytes] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(received) < len(bodies):
+                for envelope in (await source.fetch(100)).envelopes:
+                    received.append(envelope.body)
+                    envelope.ack()
+    finally:
+        await source.close()
+    assert sorted(received) == sorted(bodies)
+    assert threads and not any(name.startswith("ThreadPoolExecutor") for name in threads), threads
+    assert_nothing_left(pubsub_testbed, pubsub_testbed.subscription)
