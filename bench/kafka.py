@@ -300,7 +300,6 @@ def main() -> None:
     parser.add_argument("--naive-seconds", type=float, default=20.0)
     parser.add_argument("--rss-seconds", type=float, default=20.0)
     args = parser.parse_args()
-    app.tune_gc()  # as every ctsync command that runs the pipeline does
     asyncio.run(main_async(args.payloads, args.naive_seconds, args.rss_seconds))
 
 

@@ -24,7 +24,7 @@ import orjson
 
 from adapters.state_memory import MemoryStateStore
 from adapters.state_sqlite import SqliteStateStore
-from consumer import app, audit
+from consumer import audit
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions
 from consumer.ports import StateStore
@@ -160,7 +160,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payloads", type=int, default=100_000)
     args = parser.parse_args()
-    app.tune_gc()  # as every ctsync command that runs the pipeline does
     asyncio.run(throughput(args.payloads))
     asyncio.run(burst())
 

@@ -308,7 +308,6 @@ async def _sweep_with(
         click.echo(f"ctsync: {_describe_runtime(exc)}", err=True)
         return EXIT_FAILURE
     pipeline = built.pipeline
-    app.tune_gc()
     if plan.dry_run:
         limits = ThrottleLimits(limit=1_000_000, window_seconds=1.0, connections=10, batch_executions=10)
         pipeline.throttle = Throttle(LocalThrottleStore(limits), limits)

@@ -5,7 +5,6 @@ Adapters are imported lazily so the core stays free of broker and HTTP libraries
 
 from __future__ import annotations
 
-import gc
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +17,6 @@ from consumer.pipeline import Pipeline, PipelineOptions
 from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleStore
 from consumer.routing import Router, ScopeMap, load_scope_map
 from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
-
-# Measured on the pipeline benchmark: with CPython's default (700, 10, 10) the collector ran so often over
-# the thousands of envelopes in flight that it took about 40 % of the time per payload. Almost nothing on
-# the hot path forms reference cycles, so rarer young collections cost little memory and give that back.
-GC_THRESHOLDS = (50_000, 20, 20)
-
-
-def tune_gc() -> None:
-    """Set the collector up for a long-running service: what start-up allocated (modules, settings, the
-    wiring) is frozen out of every later collection, and young collections run far less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class UnsupportedSetting(ValueError):

@@ -187,7 +187,6 @@ async def _serve(
     code = EXIT_OK
     error: str | None = None
     signals = SignalStop(built.pipeline)
-    app.tune_gc()
     try:
         with signals:
             await built.pipeline.run(signals.stop)
