@@ -33,7 +33,7 @@ from pipeline import UNTHROTTLED, payloads
 
 from adapters import pubsub
 from adapters.state_memory import MemoryStateStore
-from consumer import app, audit
+from consumer import audit
 from consumer.config import load_settings
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions
@@ -290,7 +290,6 @@ def main() -> None:
     parser.add_argument("--pstest-messages", type=int, default=2_000)
     parser.add_argument("--skip-pstest", action="store_true")
     args = parser.parse_args()
-    app.tune_gc()  # as every ctsync command that runs the pipeline does
     callback_path(args.messages)
     if not args.skip_pstest:
         end_to_end(args.pstest_messages)
