@@ -743,18 +743,24 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
+def _draw_place(document: Any, data: st.DataObject) -> tuple[Any, tuple[Any, ...]] | None:
+    """Draw a path inside ``document`` and return its parent container and the path (None if it has none)."""
+    paths = _paths(document)
+    if not paths:
+        return None
+    path = data.draw(st.sampled_from(paths), label="path")
+    return _at(document, path[:-1]), path
+
+
 @PROPERTY_SETTINGS
 @given(st.sampled_from(VALID_PAYLOADS), st.data())
 def test_mutated_payloads_never_raise(payload: dict[str, Any], data: st.DataObject) -> None:
     mutated = copy.deepcopy(payload)
     for _ in range(data.draw(st.integers(1, 4), label="mutations")):
-        paths = _paths(mutated)
-        if not paths:
+        place = _draw_place(mutated, data)
+        if place is None:
             break
-        path = data.draw(st.sampled_from(paths), label="path")
-        parent = mutated
-        for step in path[:-1]:
-            parent = parent[step]
+        parent, path = place
         if data.draw(st.booleans(), label="delete"):
             del parent[path[-1]]
         else:
@@ -997,13 +1003,10 @@ EQUIVALENCE_SETTINGS = settings(
 def test_fast_path_agrees_with_slow_path(payload: dict[str, Any], data: st.DataObject) -> None:
     mutated = copy.deepcopy(payload)
     for _ in range(data.draw(st.integers(0, 4), label="mutations")):
-        paths = _paths(mutated)
-        if not paths:
+        place = _draw_place(mutated, data)
+        if place is None:
             break
-        path = data.draw(st.sampled_from(paths), label="path")
-        parent = mutated
-        for step in path[:-1]:
-            parent = parent[step]
+        parent, path = place
         action = data.draw(st.sampled_from(["delete", "replace", "add"]), label="action")
         if action == "delete":
             del parent[path[-1]]
