@@ -347,7 +347,8 @@ async def _sweep_with(
     signals = SignalStop(pipeline)
     try:
         with signals:
-            await pipeline.run(signals.stop)
+            async with app.garbage_collected_on_a_clock():
+                await pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)
     except Exception as exc:

@@ -189,7 +189,8 @@ async def _serve(
     signals = SignalStop(built.pipeline)
     try:
         with signals:
-            await built.pipeline.run(signals.stop)
+            async with app.garbage_collected_on_a_clock():
+                await built.pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)
     except Exception as exc:
