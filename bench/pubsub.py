@@ -33,7 +33,7 @@ from pipeline import UNTHROTTLED, payloads
 
 from adapters import pubsub
 from adapters.state_memory import MemoryStateStore
-from consumer import audit
+from consumer import app, audit
 from consumer.config import load_settings
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions
@@ -105,6 +105,13 @@ def bare_ceiling(bodies: Sequence[bytes], scheduler: Any) -> float:
     return len(bodies) / (time.perf_counter() - started)
 
 
+async def collected(measure: Callable[..., float], *args: Any) -> float:
+    """Run a thread-driven measurement under the collector settings ctsync runs with, so that baselines and
+    ctsync are compared on equal terms."""
+    async with app.garbage_collected_on_a_clock():
+        return await asyncio.to_thread(measure, *args)
+
+
 def default_scheduler() -> Any:
     """The client's default: a pool of CALLBACK_THREADS callback threads."""
     return ThreadScheduler(ThreadPoolExecutor(max_workers=CALLBACK_THREADS))
@@ -137,7 +144,8 @@ async def through_ctsync(bodies: Sequence[bytes]) -> float:
         target=feed, args=(bodies, completion, source.on_message, scheduler), daemon=True
     )
     feeder.start()
-    await pipeline.run(stop)
+    async with app.garbage_collected_on_a_clock():  # as `ctsync run` does
+        await pipeline.run(stop)
     elapsed = time.perf_counter() - started
     await asyncio.to_thread(feeder.join)
     await source.close()
@@ -149,7 +157,8 @@ async def pipeline_alone(bodies: Sequence[bytes]) -> float:
     """The same pipeline over an in-memory list: no threads, no hand-over (what the core alone costs)."""
     pipeline = build_pipeline(ListSource(bodies))
     started = time.perf_counter()
-    await pipeline.run()
+    async with app.garbage_collected_on_a_clock():  # as `ctsync run` does
+        await pipeline.run()
     return len(bodies) / (time.perf_counter() - started)
 
 
@@ -157,9 +166,9 @@ def callback_path(count: int) -> None:
     bodies = payloads(count, entities=count // 4)
     threads, flow = CALLBACK_THREADS, MAX_IN_FLIGHT
     print(f"callback path: {count:,} messages, flow control {flow:,}")
-    ceiling = bare_ceiling(bodies, default_scheduler())
+    ceiling = asyncio.run(collected(bare_ceiling, bodies, default_scheduler()))
     print(f"  bare callback, ack on receipt, {threads} pool threads {ceiling:10,.0f} messages/s   (ceiling)")
-    inline = bare_ceiling(bodies, pubsub.HandOverScheduler())
+    inline = asyncio.run(collected(bare_ceiling, bodies, pubsub.HandOverScheduler()))
     print(
         f"  bare callback, ack on receipt, stream thread {inline:9,.0f} messages/s   "
         "(no pool: ctsync's scheduler, no work at all)"
@@ -262,7 +271,8 @@ async def ctsync_subscriber(host: str, subscription: str, count: int) -> float:
 
     async with asyncio.timeout(600):
         watcher = asyncio.create_task(watch())
-        await pipeline.run(stop)
+        async with app.garbage_collected_on_a_clock():  # as `ctsync run` does
+            await pipeline.run(stop)
         await watcher
     elapsed = time.perf_counter() - started
     await source.close()
