@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -206,6 +206,25 @@ class RedisStateStore:
             await self.client.aclose()
 
 
+class _Pingable(Protocol):
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+_P = TypeVar("_P", bound=_Pingable)
+
+
+async def answering(store: _P) -> _P:
+    """Return ``store`` once its Redis answered a PING; close it and raise if it does not."""
+    try:
+        await store.ping()
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
 async def open_state_store(settings: Settings, *, check: bool = True) -> RedisStateStore:
     """Return the state store on CTSYNC_STATE_URL's Redis; raise ``StoreUnavailable`` if it does not answer.
 
@@ -216,11 +235,4 @@ async def open_state_store(settings: Settings, *, check: bool = True) -> RedisSt
     assert state.kind == "redis", "open_state_store needs a redis:// CTSYNC_STATE_URL"
     client = redis_client(state.url)
     store = RedisStateStore(client, settings_prefix(settings), url=state.url, password=state.password)
-    if not check:
-        return store
-    try:
-        await store.ping()
-    except BaseException:
-        await store.close()
-        raise
-    return store
+    return await answering(store) if check else store

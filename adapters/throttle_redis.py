@@ -42,6 +42,7 @@ from adapters.state_redis import (
     CALL_TIMEOUT,
     RedisGuard,
     StoreUnavailable,
+    answering,
     ping,
     redis_client,
     settings_prefix,
@@ -367,11 +368,4 @@ async def open_throttle_store(
         lease_seconds=lease_seconds,
         heartbeat_seconds=heartbeat_seconds,
     )
-    if not check:
-        return store
-    try:
-        await store.ping()
-    except BaseException:
-        await store.close()
-        raise
-    return store
+    return await answering(store) if check else store
