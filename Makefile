@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test install lint typecheck bench clean
+.PHONY: run test install servers lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -34,12 +34,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict consumer adapters
 
-test: install lint typecheck
+# The programs the suite runs as real servers (Redis, Go for pstest, Node, Java); nothing runs them before.
+servers:
+	@tools/install-test-servers
+
+test: install servers lint typecheck
 	$(BIN)/pytest -q
 
 # Each benchmark starts the servers it needs (tansu, pstest, redis-server, commercetools-mock) and prints
 # ratios against a baseline measured in the same run.
-bench: install
+bench: install servers
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/kafka.py
 	$(BIN)/python bench/pubsub.py
