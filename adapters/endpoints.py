@@ -54,6 +54,11 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("ctsync_batch_retries", "Hook requests that will be retried.", "retries"),
     ("ctsync_messages_acked", "Envelopes acked (offset committable / Pub/Sub ack).", "acked"),
     ("ctsync_messages_handed_back", "Envelopes handed back for redelivery at shutdown.", "handed_back"),
+    (
+        "ctsync_claim_waits",
+        "Entities that waited because another replica was sending a notification of them.",
+        "claim_waits",
+    ),
 )
 
 

@@ -1,4 +1,8 @@
-"""In-process state: delivered keys and watermarks in dicts (tests, ``memory://``)."""
+"""In-process state: delivered keys, watermarks and claims in dicts (tests, ``memory://``).
+
+One store object may be shared by several pipelines in one process (the core's multi-replica tests), so
+claims are kept per holder like in the shared stores.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import TypeVar
 
-from consumer.ports import StateView
+from consumer.ports import Claim, StateView
 
 _V = TypeVar("_V")
 
@@ -17,6 +21,8 @@ class MemoryStateStore:
     def __init__(self, max_entries: int = 1_000_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._keys: dict[str, float] = {}
         self._watermarks: dict[str, tuple[int, float]] = {}
+        # resource -> (holder, lease expiry)
+        self._claims: dict[str, tuple[str, float]] = {}
         self._max_entries = max_entries
         self._clock = clock
 
@@ -32,8 +38,15 @@ class MemoryStateStore:
         return StateView(delivered, watermarks)
 
     async def record_delivered(
-        self, message_keys: Collection[str], watermarks: Mapping[str, int], ttl_seconds: float
+        self,
+        message_keys: Collection[str],
+        watermarks: Mapping[str, int],
+        ttl_seconds: float,
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
     ) -> None:
+        self._release(holder, release)
         expires = self._clock() + ttl_seconds
         for key in message_keys:
             self._keys.pop(key, None)
@@ -45,6 +58,41 @@ class MemoryStateStore:
             self._watermarks[resource] = (rank, expires)
         self._evict(self._keys)
         self._evict(self._watermarks)
+
+    async def claim(
+        self,
+        holder: str,
+        resource_keys: Collection[str],
+        message_keys: Collection[str],
+        lease_seconds: float,
+    ) -> Claim:
+        now = self._clock()
+        refused = frozenset(r for r in resource_keys if not self._take(holder, r, now + lease_seconds, now))
+        granted = [r for r in resource_keys if r not in refused]
+        return Claim(refused, await self.lookup(message_keys, granted))
+
+    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+        self._release(holder, resource_keys)
+
+    async def extend_claims(
+        self, holder: str, resource_keys: Collection[str], lease_seconds: float
+    ) -> frozenset[str]:
+        now = self._clock()
+        return frozenset(r for r in resource_keys if not self._take(holder, r, now + lease_seconds, now))
+
+    def _take(self, holder: str, resource: str, expires: float, now: float) -> bool:
+        current = self._claims.get(resource)
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._claims[resource] = (holder, expires)
+        return True
+
+    def _release(self, holder: str, resource_keys: Collection[str]) -> None:
+        claims = self._claims
+        for resource in resource_keys:
+            current = claims.get(resource)
+            if current is not None and current[0] == holder:
+                del claims[resource]
 
     def _evict(self, table: dict[str, _V]) -> None:
         # Insertion order is refresh order, so the first entries are the least recently delivered.

@@ -5,8 +5,10 @@ two deployments can share one Redis. The prefix's hash is a Redis Cluster hash t
 keys of a deployment sit in one slot, which lets one script touch any of them.
 
 One round trip per port call, whatever the batch size: ``lookup`` is one ``MGET`` over the message keys and
-the watermark keys; ``record_delivered`` is one script that sets the keys and raises the watermarks (never
-lowers them) atomically. ``round_trips`` counts the calls, for the scale benchmark.
+the watermark keys; ``claim`` is one script that claims the batch's resources and reads their watermarks
+and keys in the same atomic step; ``record_delivered`` is one script that sets the keys, raises the
+watermarks (never lowers them) and ends the claims atomically. ``round_trips`` counts the calls, for the
+scale benchmark.
 
 Every Redis failure surfaces as ``StoreUnavailable``, a builtin ``ConnectionError``, within the client's
 timeouts: the core then stops taking work and reports not-ready rather than hanging.
@@ -26,7 +28,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from consumer.config import display_url
-from consumer.ports import StateView
+from consumer.ports import Claim, StateView
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -39,23 +41,79 @@ CALL_TIMEOUT: Final = 5.0
 
 _KEY: Final = b"k:"
 _WATERMARK: Final = b"w:"
+_CLAIM: Final = b"c:"
 
-# KEYS: message keys then watermark keys; ARGV[1]: TTL in ms, ARGV[2]: how many KEYS are message keys,
-# ARGV[3...]: the rank of each watermark key, in order. A watermark only moves up; a write refreshes its TTL.
+# KEYS: message keys, then watermark keys, then claim keys to release. ARGV[1]: TTL in ms, ARGV[2]: how many
+# KEYS are message keys, ARGV[3]: how many are watermark keys, ARGV[4]: the holder releasing its claims,
+# ARGV[5...]: the rank of each watermark key, in order. A watermark only moves up; a write refreshes its TTL.
+# The claims are released in the same step as the watermarks rise, so no other holder can claim in between
+# and judge against the old watermark.
 _RECORD_DELIVERED: Final = """
 local ttl = ARGV[1]
 local count = tonumber(ARGV[2])
+local marks = count + tonumber(ARGV[3])
 for i = 1, count do
     redis.call('SET', KEYS[i], '1', 'PX', ttl)
 end
 -- Ranks stay strings as given: a Lua number would print large ones in exponent notation.
-for i = count + 1, #KEYS do
-    local rank = ARGV[i - count + 2]
+for i = count + 1, marks do
+    local rank = ARGV[i - count + 4]
     local current = redis.call('GET', KEYS[i])
     if current and tonumber(current) > tonumber(rank) then
         rank = current
     end
     redis.call('SET', KEYS[i], rank, 'PX', ttl)
+end
+for i = marks + 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[4] then
+        redis.call('DEL', KEYS[i])
+    end
+end
+return #KEYS
+"""
+
+# KEYS: n claim keys, their n watermark keys in the same order, then message keys. ARGV[1]: holder,
+# ARGV[2]: lease in ms, ARGV[3]: n. Returns one string per resource ("r": another holder has it, "": claimed
+# and no watermark, else the watermark) and then one per message key ("1": delivered, "": not).
+_CLAIM_SCRIPT: Final = """
+local holder, lease, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+for i = 1, n do
+    local owner = redis.call('GET', KEYS[i])
+    if owner and owner ~= holder then
+        out[i] = 'r'
+    else
+        redis.call('SET', KEYS[i], holder, 'PX', lease)
+        out[i] = redis.call('GET', KEYS[n + i]) or ''
+    end
+end
+for i = 2 * n + 1, #KEYS do
+    out[#out + 1] = redis.call('EXISTS', KEYS[i]) == 1 and '1' or ''
+end
+return out
+"""
+
+# KEYS: claim keys; ARGV[1]: holder, ARGV[2]: lease in ms. Renews the holder's claims, takes back any that
+# expired and nobody took, and returns the keys another holder took meanwhile.
+_EXTEND_CLAIMS: Final = """
+local lost = {}
+for i = 1, #KEYS do
+    local owner = redis.call('GET', KEYS[i])
+    if owner and owner ~= ARGV[1] then
+        lost[#lost + 1] = KEYS[i]
+    else
+        redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    end
+end
+return lost
+"""
+
+# KEYS: claim keys; ARGV[1]: holder. Deletes the ones the holder holds.
+_RELEASE_CLAIMS: Final = """
+for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[1] then
+        redis.call('DEL', KEYS[i])
+    end
 end
 return #KEYS
 """
@@ -156,6 +214,9 @@ class RedisStateStore:
         self.guard = RedisGuard(url, password, call_timeout)
         self._owns_client = owns_client
         self._record = client.register_script(_RECORD_DELIVERED)
+        self._claim = client.register_script(_CLAIM_SCRIPT)
+        self._extend = client.register_script(_EXTEND_CLAIMS)
+        self._release = client.register_script(_RELEASE_CLAIMS)
 
     @property
     def round_trips(self) -> int:
@@ -188,22 +249,90 @@ class RedisStateStore:
         return StateView(delivered, watermarks)
 
     async def record_delivered(
-        self, message_keys: Collection[str], watermarks: Mapping[str, int], ttl_seconds: float
+        self,
+        message_keys: Collection[str],
+        watermarks: Mapping[str, int],
+        ttl_seconds: float,
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
     ) -> None:
-        """Remember keys and raise watermarks (never lower them), atomically, with one script call."""
+        """Remember keys, raise watermarks (never lower them) and end the holder's claims, atomically, with
+        one script call."""
         keys = [self._key(_KEY, key) for key in message_keys]
-        if not keys and not watermarks:
+        claims = [self._key(_CLAIM, resource) for resource in release] if holder else []
+        if not keys and not watermarks and not claims:
             return
-        names = keys + [self._key(_WATERMARK, resource) for resource in watermarks]
+        names = keys + [self._key(_WATERMARK, resource) for resource in watermarks] + claims
         ttl_ms = max(int(ttl_seconds * 1000), 1)
-        args: list[int] = [ttl_ms, len(keys), *(int(rank) for rank in watermarks.values())]
+        args: list[int | str] = [
+            ttl_ms,
+            len(keys),
+            len(watermarks),
+            holder,
+            *(int(rank) for rank in watermarks.values()),
+        ]
         async with self.guard.call():
             await self._record(keys=names, args=args)
+
+    async def claim(
+        self,
+        holder: str,
+        resource_keys: Collection[str],
+        message_keys: Collection[str],
+        lease_seconds: float,
+    ) -> Claim:
+        """Claim the resources no other holder holds and read the delivered state, with one script call."""
+        resources, keys = list(resource_keys), list(message_keys)
+        if not resources and not keys:
+            return Claim(frozenset(), StateView(frozenset(), {}))
+        names = (
+            [self._key(_CLAIM, r) for r in resources]
+            + [self._key(_WATERMARK, r) for r in resources]
+            + [self._key(_KEY, k) for k in keys]
+        )
+        args: list[str | int] = [holder, _lease_ms(lease_seconds), len(resources)]
+        async with self.guard.call():
+            values = await self._claim(keys=names, args=args)
+        refused: set[str] = set()
+        watermarks: dict[str, int] = {}
+        for resource, value in zip(resources, values[: len(resources)], strict=True):
+            if value == b"r":
+                refused.add(resource)
+            elif value:
+                watermarks[resource] = int(value)
+        delivered = frozenset(
+            key for key, value in zip(keys, values[len(resources) :], strict=True) if value == b"1"
+        )
+        return Claim(frozenset(refused), StateView(delivered, watermarks))
+
+    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+        """End the holder's claims on these resources, with one script call."""
+        names = [self._key(_CLAIM, r) for r in resource_keys]
+        if names:
+            async with self.guard.call():
+                await self._release(keys=names, args=[holder])
+
+    async def extend_claims(
+        self, holder: str, resource_keys: Collection[str], lease_seconds: float
+    ) -> frozenset[str]:
+        """Renew the holder's claims with one script call; return the resources another holder took."""
+        resources = list(resource_keys)
+        if not resources:
+            return frozenset()
+        by_name = {self._key(_CLAIM, r): r for r in resources}
+        async with self.guard.call():
+            lost = await self._extend(keys=list(by_name), args=[holder, _lease_ms(lease_seconds)])
+        return frozenset(by_name[name] for name in lost)
 
     async def close(self) -> None:
         """Close the client (when this store made it)."""
         if self._owns_client:
             await self.client.aclose()
+
+
+def _lease_ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
 
 
 class _Pingable(Protocol):

@@ -1,4 +1,5 @@
-"""A StateStore in one SQLite file: delivered keys and watermarks that survive a restart (one replica).
+"""A StateStore in one SQLite file: delivered keys, watermarks and claims that survive a restart (one replica,
+or processes on one machine sharing the file, such as a backfill beside the service).
 
 SQLite calls are blocking, so they run on one dedicated thread (the connection never changes threads);
 each port call is one transaction on that thread.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from adapters._sqlite import SqliteThread
-from consumer.ports import StateView
+from consumer.ports import Claim, StateView
 
 _T = TypeVar("_T")
 
@@ -26,6 +27,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivered_keys (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS watermarks (
     resource TEXT PRIMARY KEY, rank INTEGER NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims (
+    resource TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS delivered_keys_expires ON delivered_keys (expires);
 CREATE INDEX IF NOT EXISTS watermarks_expires ON watermarks (expires);
@@ -56,34 +60,71 @@ class SqliteStateStore:
     async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
         keys, resources = list(message_keys), list(resource_keys)
         now = self._clock()
+        return await self._run(lambda db: _read(db, keys, resources, now))
 
-        def query(db: sqlite3.Connection) -> StateView:
-            delivered: set[str] = set()
-            for chunk in _chunks(keys):
-                marks = ",".join("?" * len(chunk))
-                rows = db.execute(
-                    f"SELECT key FROM delivered_keys WHERE expires > ? AND key IN ({marks})", (now, *chunk)
-                )
-                delivered.update(row[0] for row in rows)
-            watermarks: dict[str, int] = {}
-            for chunk in _chunks(resources):
-                marks = ",".join("?" * len(chunk))
-                rows = db.execute(
-                    f"SELECT resource, rank FROM watermarks WHERE expires > ? AND resource IN ({marks})",
-                    (now, *chunk),
-                )
-                watermarks.update(rows)
-            return StateView(frozenset(delivered), watermarks)
+    async def claim(
+        self,
+        holder: str,
+        resource_keys: Collection[str],
+        message_keys: Collection[str],
+        lease_seconds: float,
+    ) -> Claim:
+        keys, resources = list(message_keys), list(resource_keys)
+        now = self._clock()
 
-        return await self._run(query)
+        def claim(db: sqlite3.Connection) -> Claim:
+            # IMMEDIATE: another process sharing the file cannot claim between our read and our write.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                refused = _take(db, holder, resources, now, now + lease_seconds)
+                view = _read(db, keys, [r for r in resources if r not in refused], now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return Claim(refused, view)
+
+        return await self._run(claim)
+
+    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+        rows = [(resource, holder) for resource in resource_keys]
+        if rows:
+            await self._run(lambda db: _release(db, rows))
+
+    async def extend_claims(
+        self, holder: str, resource_keys: Collection[str], lease_seconds: float
+    ) -> frozenset[str]:
+        resources = list(resource_keys)
+        if not resources:
+            return frozenset()
+        now = self._clock()
+
+        def extend(db: sqlite3.Connection) -> frozenset[str]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                lost = _take(db, holder, resources, now, now + lease_seconds)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return lost
+
+        return await self._run(extend)
 
     async def record_delivered(
-        self, message_keys: Collection[str], watermarks: Mapping[str, int], ttl_seconds: float
+        self,
+        message_keys: Collection[str],
+        watermarks: Mapping[str, int],
+        ttl_seconds: float,
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
     ) -> None:
         now = self._clock()
         expires = now + ttl_seconds
         key_rows = [(key, expires) for key in message_keys]
         mark_rows = [(resource, rank, expires, now) for resource, rank in watermarks.items()]
+        claim_rows = [(resource, holder) for resource in release]
         purge = now - self._last_purge > _PURGE_EVERY_SECONDS
         if purge:
             self._last_purge = now
@@ -99,9 +140,11 @@ class SqliteStateStore:
                     " expires = excluded.expires",
                     mark_rows,
                 )
+                db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", claim_rows)
                 if purge:
                     db.execute("DELETE FROM delivered_keys WHERE expires <= ?", (now,))
                     db.execute("DELETE FROM watermarks WHERE expires <= ?", (now,))
+                    db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -111,3 +154,40 @@ class SqliteStateStore:
 
     async def close(self) -> None:
         await self._sqlite.close()
+
+
+def _read(db: sqlite3.Connection, keys: Sequence[str], resources: Sequence[str], now: float) -> StateView:
+    delivered: set[str] = set()
+    for chunk in _chunks(keys):
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(
+            f"SELECT key FROM delivered_keys WHERE expires > ? AND key IN ({marks})", (now, *chunk)
+        )
+        delivered.update(row[0] for row in rows)
+    watermarks: dict[str, int] = {}
+    for chunk in _chunks(resources):
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(
+            f"SELECT resource, rank FROM watermarks WHERE expires > ? AND resource IN ({marks})",
+            (now, *chunk),
+        )
+        watermarks.update(rows)
+    return StateView(frozenset(delivered), watermarks)
+
+
+def _take(
+    db: sqlite3.Connection, holder: str, resources: Sequence[str], now: float, expires: float
+) -> frozenset[str]:
+    """Claim (or renew) each resource no other live holder holds; return the ones another holds."""
+    refused: set[str] = set()
+    for resource in resources:
+        row = db.execute("SELECT holder, expires FROM claims WHERE resource = ?", (resource,)).fetchone()
+        if row is not None and row[0] != holder and row[1] > now:
+            refused.add(resource)
+        else:
+            db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (resource, holder, expires))
+    return frozenset(refused)
+
+
+def _release(db: sqlite3.Connection, rows: Sequence[tuple[str, str]]) -> None:
+    db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", rows)

@@ -17,7 +17,7 @@ from consumer import app, audit
 from consumer import backfill as bf
 from consumer.config import Settings
 from consumer.pipeline import SinkUnusable
-from consumer.ports import HookResponse, StateStore, StateView
+from consumer.ports import Claim, HookResponse, StateStore, StateView
 from consumer.routing import Notification, ScopeMapError
 
 if TYPE_CHECKING:
@@ -215,9 +215,33 @@ class _ReadOnlyState:
         return await self.inner.lookup(message_keys, resource_keys)
 
     async def record_delivered(
-        self, message_keys: Collection[str], watermarks: Mapping[str, int], ttl_seconds: float
+        self,
+        message_keys: Collection[str],
+        watermarks: Mapping[str, int],
+        ttl_seconds: float,
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
     ) -> None:
         return None
+
+    async def claim(
+        self,
+        holder: str,
+        resource_keys: Collection[str],
+        message_keys: Collection[str],
+        lease_seconds: float,
+    ) -> Claim:
+        # A dry run claims nothing (it writes no state) and sends nothing, so it waits for nobody.
+        return Claim(frozenset(), await self.inner.lookup(message_keys, resource_keys))
+
+    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+        return None
+
+    async def extend_claims(
+        self, holder: str, resource_keys: Collection[str], lease_seconds: float
+    ) -> frozenset[str]:
+        return frozenset()
 
     async def close(self) -> None:
         return None

@@ -23,6 +23,10 @@ MESSAGE_INVALID: Final = "message.invalid"
 MESSAGE_IGNORED: Final = "message.ignored"
 MESSAGE_DUPLICATE: Final = "message.duplicate"
 MESSAGE_STALE: Final = "message.stale"
+# An entity's notification waits: another replica holds the claim on its resource.
+NOTIFICATION_CLAIM_WAIT: Final = "notification.claim_wait"
+# A claim this process held was taken by another replica (its lease lapsed, e.g. the state store was down).
+CLAIM_LOST: Final = "claim.lost"
 NOTIFICATION_COALESCED: Final = "notification.coalesced"
 BATCH_SENT: Final = "batch.sent"
 BATCH_RETRYING: Final = "batch.retrying"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from consumer.messages import ChangeEvent
-from consumer.ports import StateStore, StateView
+from consumer.ports import Claim, StateStore, StateView
 
 
 class Verdict(StrEnum):
@@ -69,6 +69,21 @@ class Deduplicator:
         )
         return [judge(event, deleted, view) for event, deleted in items]
 
-    async def record_delivered(self, message_keys: Collection[str], ranks: Mapping[str, int]) -> None:
-        """Remember delivered keys and raise watermarks to the given ranks."""
-        await self.store.record_delivered(message_keys, ranks, self.ttl_seconds)
+    async def record_delivered(
+        self,
+        message_keys: Collection[str],
+        ranks: Mapping[str, int],
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
+    ) -> None:
+        """Remember delivered keys, raise watermarks to the given ranks and end the holder's claims."""
+        await self.store.record_delivered(
+            message_keys, ranks, self.ttl_seconds, holder=holder, release=release
+        )
+
+    async def claim(
+        self, holder: str, resources: Collection[str], message_keys: Collection[str], lease_seconds: float
+    ) -> Claim:
+        """Claim resources for sending and read, in the same step, what was delivered of them."""
+        return await self.store.claim(holder, resources, message_keys, lease_seconds)

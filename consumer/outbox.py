@@ -5,12 +5,22 @@ of 50 updates to one product is one notification, and the entry owes the acks of
 whose notification is in flight gets a new entry that waits until the flight lands, so two notifications of
 one entity never race (a retried ``updated`` can never overtake a later ``deleted``).
 
+The order rule: for every entity, the notifications iPaaS.com accepts rise strictly in watermark rank. So
+when a flight lands delivered, the changes that waited behind it are judged again against what it carried:
+those it covers (rank at or below the rank it delivered for their resource, or the very message it carried)
+are settled without a notification of their own. An entry keeps every change it merged, with its rank, so
+it can be judged again change by change; its action follows its highest-ranked change, so merging an older
+change never downgrades a pending deletion.
+
+An entry can also be deferred: taken for sending, it found its resource claimed by another process, and
+waits until a given time before it is tried again (changes of that entity merge into it meanwhile).
+
 When to send is ``should_send``: at once when intake is idle, accumulate while a backlog is being read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -21,37 +31,76 @@ from consumer.routing import Action, Notification, Route
 T = TypeVar("T")
 EntityKey = tuple[str, str]
 
+# The rank of a change that carries no version: it is never judged stale, only a duplicate by its key.
+NO_RANK = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Covered(Generic[T]):
+    """A change settled because a delivered notification already covered it.
+
+    ``watermark`` is the rank that covered it, or None when the very same message was delivered.
+    """
+
+    owed: T
+    message_key: str
+    resource: str
+    watermark: int | None
+
 
 @dataclass(slots=True, eq=False)
 class PendingNotification(Generic[T]):
-    """A notification waiting to be sent, the envelopes it will settle and the state it will record.
+    """A notification waiting to be sent, the changes it carries and the envelopes it will settle.
 
-    ``action`` follows the entity's newest known state: ``deleted`` when the newest change is a deletion,
-    else ``created`` when a creation was merged (iPaaS.com does not know the entity yet), else ``updated``.
+    The per-change lists (``owed``, ``message_keys``, ``resources``, ``change_ranks``, ``actions``) run in
+    parallel, in arrival order. ``action`` follows the entity's newest known state: ``deleted`` when the
+    highest-ranked change is a deletion, else ``created`` when a creation was merged (iPaaS.com does not know
+    the entity yet), else ``updated``. ``ranks`` is the highest rank per resource: what a delivery records.
     """
 
     family: str
     external_id: str
     since: float
     action: Action = Action.UPDATED
-    version: int | None = None
+    newest_rank: int = NO_RANK
     newest_action: Action = Action.UPDATED
     created_seen: bool = False
+    not_before: float = 0.0
     owed: list[T] = field(default_factory=list)
     message_keys: list[str] = field(default_factory=list)
+    resources: list[str] = field(default_factory=list)
+    change_ranks: list[int] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> EntityKey:
         return (self.family, self.external_id)
 
+    @property
+    def version(self) -> int | None:
+        """Return the version of the highest-ranked change (None when no change carried one)."""
+        return None if self.newest_rank == NO_RANK else self.newest_rank // 2
+
     def merge(self, route: Route, event: ChangeEvent, owed: T) -> None:
         """Fold one more change of this entity into the entry."""
         action = route.action
-        if event.version is None or self.version is None or event.version >= self.version:
+        rank = NO_RANK if event.version is None else version_rank(event.version, action is Action.DELETED)
+        self.owed.append(owed)
+        self.message_keys.append(event.message_key)
+        self.resources.append(event.resource_key)
+        self.change_ranks.append(rank)
+        self.actions.append(action)
+        self._fold(event.resource_key, rank, action)
+
+    def _fold(self, resource: str, rank: int, action: Action) -> None:
+        if rank == NO_RANK:
+            # No version to compare: it is the newest news, except that it never undoes a deletion.
+            if self.newest_action is not Action.DELETED or action is Action.DELETED:
+                self.newest_action = action
+        elif rank >= self.newest_rank:
+            self.newest_rank = rank
             self.newest_action = action
-            if event.version is not None:
-                self.version = event.version
         if action is Action.CREATED:
             self.created_seen = True
         if self.newest_action is Action.DELETED:
@@ -60,13 +109,52 @@ class PendingNotification(Generic[T]):
             self.action = Action.CREATED
         else:
             self.action = Action.UPDATED
-        self.owed.append(owed)
-        self.message_keys.append(event.message_key)
-        if event.version is not None:
-            rank = version_rank(event.version, action is Action.DELETED)
-            resource = event.resource_key
-            if rank > self.ranks.get(resource, -1):
-                self.ranks[resource] = rank
+        if rank > self.ranks.get(resource, NO_RANK):
+            self.ranks[resource] = rank
+
+    def settle_covered(
+        self, watermarks: Mapping[str, int], delivered_keys: Container[str]
+    ) -> list[Covered[T]]:
+        """Remove and return the changes already covered by what was delivered; refold what remains."""
+        covered: list[Covered[T]] = []
+        keep: list[int] = []
+        for i, (key, resource, rank) in enumerate(
+            zip(self.message_keys, self.resources, self.change_ranks, strict=True)
+        ):
+            if key in delivered_keys:
+                covered.append(Covered(self.owed[i], key, resource, None))
+                continue
+            watermark = watermarks.get(resource)
+            if rank != NO_RANK and watermark is not None and rank <= watermark:
+                covered.append(Covered(self.owed[i], key, resource, watermark))
+                continue
+            keep.append(i)
+        if covered:
+            self._keep(keep)
+        return covered
+
+    def absorb(self, other: PendingNotification[T]) -> None:
+        """Take in the changes of a later entry of the same entity."""
+        self.owed.extend(other.owed)
+        self.message_keys.extend(other.message_keys)
+        self.resources.extend(other.resources)
+        self.change_ranks.extend(other.change_ranks)
+        self.actions.extend(other.actions)
+        self._keep(range(len(self.owed)))
+
+    def _keep(self, indices: list[int] | range) -> None:
+        owed, keys, resources = self.owed, self.message_keys, self.resources
+        ranks, actions = self.change_ranks, self.actions
+        self.owed = [owed[i] for i in indices]
+        self.message_keys = [keys[i] for i in indices]
+        self.resources = [resources[i] for i in indices]
+        self.change_ranks = [ranks[i] for i in indices]
+        self.actions = [actions[i] for i in indices]
+        self.action, self.newest_rank, self.newest_action = Action.UPDATED, NO_RANK, Action.UPDATED
+        self.created_seen = False
+        self.ranks = {}
+        for resource, rank, action in zip(self.resources, self.change_ranks, self.actions, strict=True):
+            self._fold(resource, rank, action)
 
     def notification(self, debug: bool) -> Notification:
         scope = f"{self.family}/{self.action.value}"
@@ -79,12 +167,13 @@ class Outbox(Generic[T]):
     def __init__(self) -> None:
         self._ready: dict[EntityKey, PendingNotification[T]] = {}
         self._blocked: dict[EntityKey, PendingNotification[T]] = {}
+        self._deferred: dict[EntityKey, PendingNotification[T]] = {}
         self._in_flight: set[EntityKey] = set()
         self._pending_keys: set[str] = set()
 
     def __len__(self) -> int:
-        """Return how many entries wait (ready or behind an in-flight notification of their entity)."""
-        return len(self._ready) + len(self._blocked)
+        """Return how many entries wait (ready, deferred, or behind an in-flight notification)."""
+        return len(self._ready) + len(self._blocked) + len(self._deferred)
 
     @property
     def ready_count(self) -> int:
@@ -106,7 +195,7 @@ class Outbox(Generic[T]):
     def add(self, route: Route, event: ChangeEvent, owed: T, now: float) -> bool:
         """Add a routed change; return True when it merged into an entry that was already pending."""
         key = (route.family, route.external_id)
-        entry = self._ready.get(key) or self._blocked.get(key)
+        entry = self._ready.get(key) or self._blocked.get(key) or self._deferred.get(key)
         merged = entry is not None
         if entry is None:
             entry = PendingNotification(route.family, route.external_id, since=now)
@@ -130,21 +219,63 @@ class Outbox(Generic[T]):
             self._in_flight.add(entry.key)
         return taken
 
-    def finish(self, entries: list[PendingNotification[T]]) -> None:
-        """Mark taken entries as landed (delivered or dead-lettered); unblock what waited behind them."""
+    def finish(self, entries: list[PendingNotification[T]], *, delivered: bool = False) -> list[Covered[T]]:
+        """Mark taken entries as landed and unblock what waited behind them.
+
+        ``delivered``: the entries' notifications were accepted, so each waiting entry is judged again
+        against what its entity's flight carried; the changes that flight covered are removed and returned
+        (to be settled as stale), and an entry left empty is dropped. Otherwise (dead-lettered, dropped as
+        already covered) nothing was delivered and the waiting entries stand as they are.
+        """
+        covered: list[Covered[T]] = []
         for entry in entries:
             self._pending_keys.difference_update(entry.message_keys)
             self._in_flight.discard(entry.key)
             waiting = self._blocked.pop(entry.key, None)
+            if waiting is None:
+                continue
+            if delivered:
+                settled = waiting.settle_covered(entry.ranks, set(entry.message_keys))
+                covered.extend(settled)
+                self._pending_keys.difference_update(c.message_key for c in settled)
+                if not waiting.owed:
+                    continue
+            self._pending_keys.update(waiting.message_keys)
+            self._ready[entry.key] = waiting
+        return covered
+
+    def settle_covered(
+        self, entry: PendingNotification[T], watermarks: Mapping[str, int], delivered_keys: Container[str]
+    ) -> list[Covered[T]]:
+        """Judge a taken entry again against the delivered state; return the changes that state covers."""
+        covered = entry.settle_covered(watermarks, delivered_keys)
+        if covered:
+            self._pending_keys.difference_update(c.message_key for c in covered)
+            self._pending_keys.update(entry.message_keys)
+        return covered
+
+    def defer(self, entries: list[PendingNotification[T]], until: float) -> None:
+        """Put taken entries back, not to be taken before ``until`` (their resource is claimed elsewhere)."""
+        for entry in entries:
+            self._in_flight.discard(entry.key)
+            waiting = self._blocked.pop(entry.key, None)
             if waiting is not None:
-                self._ready[entry.key] = waiting
+                entry.absorb(waiting)
+            entry.not_before = until
+            self._deferred[entry.key] = entry
+
+    def release_due(self, now: float) -> float | None:
+        """Make the deferred entries whose time has come ready; return when the next one is due."""
+        due = [key for key, entry in self._deferred.items() if entry.not_before <= now]
+        for key in due:
+            self._ready[key] = self._deferred.pop(key)
+        return min((entry.not_before for entry in self._deferred.values()), default=None)
 
     def drain(self) -> Iterator[PendingNotification[T]]:
         """Remove and yield every entry not in flight (to hand its envelopes back at shutdown)."""
-        while self._ready:
-            yield self._ready.popitem()[1]
-        while self._blocked:
-            yield self._blocked.popitem()[1]
+        for table in (self._ready, self._blocked, self._deferred):
+            while table:
+                yield table.popitem()[1]
         self._pending_keys.clear()
 
 

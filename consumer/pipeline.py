@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import random
 import time
 import uuid
@@ -22,9 +23,9 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from consumer import audit
-from consumer.dedupe import Deduplicator, Verdict
+from consumer.dedupe import Deduplicator, Verdict, rank_version
 from consumer.messages import ChangeEvent, InvalidMessage, parse
-from consumer.outbox import Outbox, PendingNotification, should_send
+from consumer.outbox import Covered, Outbox, PendingNotification, should_send
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, HookResponse, Sink, Source
 from consumer.routing import Action, Ignored, Router
 from consumer.throttle import Throttle
@@ -80,6 +81,11 @@ class PipelineOptions:
     unusable_retry_base: float = 15.0
     unusable_retry_cap: float = 300.0
     store_retry_cap: float = 30.0
+    # A claim on a resource being sent lapses this long after its last renewal (a holder that died); a live
+    # holder renews its claims every third of it. An entity claimed elsewhere is tried again after about
+    # ``claim_retry`` seconds.
+    claim_lease: float = 15.0
+    claim_retry: float = 0.25
 
 
 @dataclass(slots=True)
@@ -97,6 +103,7 @@ class Counts:
     dead_lettered: int = 0
     acked: int = 0
     handed_back: int = 0
+    claim_waits: int = 0
     requests_by_status: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,6 +183,8 @@ class Pipeline:
         self._pace = limits.window_seconds / limits.limit
         # Every envelope not yet acked or handed back, with its message key once parsed (None if invalid).
         self._unsettled: dict[int, tuple[Envelope, str | None]] = {}
+        # Resources this process has claimed for the entries in flight, with how many entries hold each.
+        self._claims: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._sink_ok = asyncio.Event()
         self._sink_ok.set()
@@ -205,6 +214,7 @@ class Pipeline:
                 intake = group.create_task(self._intake(), name="ctsync-intake")
                 dispatcher = group.create_task(self._dispatch(group), name="ctsync-dispatcher")
                 stopping = group.create_task(self._until_stopping(stop), name="ctsync-stop")
+                keeper = group.create_task(self._keep_claims(), name="ctsync-claims")
                 await asyncio.wait({intake, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not stopping.done():
                     await asyncio.wait({dispatcher, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -225,10 +235,11 @@ class Pipeline:
                         )
                     finally:
                         abandoned.cancel()
-                for task in (intake, dispatcher, stopping, *self._deliveries):
+                for task in (intake, dispatcher, stopping, keeper, *self._deliveries):
                     task.cancel()
         finally:
             self._hand_back()
+            await self._release_all_claims()
         if self._fatal is not None:
             raise self._fatal
         return self.counts
@@ -532,10 +543,14 @@ class Pipeline:
 
     def _ready_in(self) -> float | None:
         """Return 0.0 when a batch should leave now, else how long to wait at most (None: until woken)."""
+        now = self.clock()
+        next_due = self.outbox.release_due(now)
         since = self.outbox.oldest_ready_since()
-        if since is None or not self._sink_ok.is_set():
+        if not self._sink_ok.is_set():
             return None
-        age = self.clock() - since
+        if since is None:
+            return None if next_due is None else max(next_due - now, 0.001)
+        age = now - since
         if should_send(
             ready=self.outbox.ready_count,
             oldest_age=age,
@@ -553,7 +568,7 @@ class Pipeline:
                 entries: list[Entry] = []
                 async with self.throttle.request(self.holder):
                     # Taken at the last moment: everything that merged while we waited for the budget rides.
-                    entries = self.outbox.take(self.options.batch_size)
+                    entries = await self._take_claimed()
                     taken.set()
                     if not entries:
                         return
@@ -666,6 +681,7 @@ class Pipeline:
                     for envelope, key in zip(entry.owed, entry.message_keys, strict=True)
                 ]
             )
+            await self._release_claims(self._unclaim(entries))
             self.outbox.finish(entries)
             return
         middle = len(entries) // 2
@@ -681,9 +697,162 @@ class Pipeline:
             for resource, rank in entry.ranks.items():
                 if rank > ranks.get(resource, -1):
                     ranks[resource] = rank
-        await self._with_store_retry(lambda: self.deduplicator.record_delivered(keys, ranks), "state write")
+        # The claims end in the same step as the watermarks rise, and stay renewed until then.
+        ending = self._claims_ending(entries)
+        await self._with_store_retry(
+            lambda: self.deduplicator.record_delivered(keys, ranks, holder=self.holder, release=ending),
+            "state write",
+        )
+        self._unclaim(entries)
         self.counts.notifications_sent += len(entries)
         for entry in entries:
             for envelope in entry.owed:
                 self._settle(envelope)
-        self.outbox.finish(entries)
+        self._settle_covered(self.outbox.finish(entries, delivered=True))
+
+    # ------------------------------------------------------------------------------------------- claims
+
+    async def _take_claimed(self) -> list[Entry]:
+        """Take the next batch and claim its resources, judging each entry again in the same step.
+
+        Another process may hold an entity's resource (it is sending a notification of it): that entry is
+        deferred and tried again shortly, un-acked. Changes that the delivered state now covers (delivered
+        by a flight that landed since intake judged them, here or elsewhere) are settled as stale. When
+        nothing of a batch is left to send, the next ready entries are taken, while there are any.
+        """
+        while True:
+            entries = self.outbox.take(self.options.batch_size)
+            if not entries:
+                return []
+            resources = {resource for entry in entries for resource in entry.resources}
+            keys = [key for entry in entries for key in entry.message_keys]
+            claim = await self._with_store_retry(
+                functools.partial(
+                    self.deduplicator.claim, self.holder, resources, keys, self.options.claim_lease
+                ),
+                "claim",
+            )
+            sendable: list[Entry] = []
+            refused: list[Entry] = []
+            emptied: list[Entry] = []
+            for entry in entries:
+                if claim.refused and not claim.refused.isdisjoint(entry.resources):
+                    refused.append(entry)
+                    continue
+                covered = self.outbox.settle_covered(entry, claim.view.watermarks, claim.view.delivered_keys)
+                if covered:
+                    self._settle_covered(covered)
+                (sendable if entry.owed else emptied).append(entry)
+            claimed = resources - claim.refused
+            for resource in {r for entry in sendable for r in entry.resources}:
+                self._claims[resource] = self._claims.get(resource, 0) + 1
+            unused = claimed.difference(self._claims)
+            if unused:
+                await self._release_claims(unused)
+            if emptied:
+                self.outbox.finish(emptied)
+            if refused:
+                self._defer(refused)
+            if sendable:
+                return sendable
+
+    def _defer(self, entries: list[Entry]) -> None:
+        self.counts.claim_waits += len(entries)
+        if self._info:
+            for entry in entries:
+                self._info_line(
+                    audit.NOTIFICATION_CLAIM_WAIT,
+                    {"scope": entry.notification(self.options.debug).scope, "external_id": entry.external_id},
+                )
+        # Jittered, so replicas waiting on each other do not retry in lockstep.
+        delay = self.options.claim_retry * (0.5 + random.random())
+        self.outbox.defer(entries, self.clock() + delay)
+
+    def _settle_covered(self, covered: list[Covered[Envelope]]) -> None:
+        """Settle changes that a delivered notification already covered: they get no notification of their
+        own (the order rule: nothing at or below a delivered rank is notified after it)."""
+        for change in covered:
+            if change.watermark is None:
+                self.counts.duplicate += 1
+                if self._info:
+                    self._info_line(
+                        audit.MESSAGE_DUPLICATE, {"message_key": change.message_key, "watermark": None}
+                    )
+            else:
+                self.counts.stale += 1
+                if self._info:
+                    self._info_line(
+                        audit.MESSAGE_STALE,
+                        {
+                            "message_key": change.message_key,
+                            "watermark": rank_version(change.watermark),
+                            "rank": change.watermark,
+                            "resource": change.resource,
+                            "reason": "covered by a delivered notification",
+                        },
+                    )
+            self._settle(change.owed)
+
+    def _claims_ending(self, entries: list[Entry]) -> list[str]:
+        """Return the resources whose claim ends when these entries land (no other entry in flight holds
+        them)."""
+        holding: dict[str, int] = {}
+        for entry in entries:
+            for resource in set(entry.resources):
+                holding[resource] = holding.get(resource, 0) + 1
+        return [r for r, n in holding.items() if self._claims.get(r, 0) <= n]
+
+    def _unclaim(self, entries: list[Entry]) -> list[str]:
+        """Forget the claims these entries held; return the resources no entry in flight holds any more."""
+        ended = self._claims_ending(entries)
+        for entry in entries:
+            for resource in set(entry.resources):
+                left = self._claims.get(resource, 0) - 1
+                if left > 0:
+                    self._claims[resource] = left
+                else:
+                    self._claims.pop(resource, None)
+        return ended
+
+    async def _release_claims(self, resources: set[str] | list[str]) -> None:
+        """End claims now; a failure is left to the leases' expiry (the claims are no longer renewed)."""
+        if not resources:
+            return
+        try:
+            async with asyncio.timeout(self.options.claim_lease / 3):
+                await self.deduplicator.store.release_claims(self.holder, resources)
+        except Exception as exc:
+            self.log.warning(
+                audit.STATE_RETRYING,
+                operation="claim release",
+                attempt=1,
+                delay_s=None,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def _release_all_claims(self) -> None:
+        held, self._claims = list(self._claims), {}
+        await self._release_claims(held)
+
+    async def _keep_claims(self) -> None:
+        """Renew this process's claims every third of a lease while their notifications are in flight."""
+        while True:
+            await asyncio.sleep(self.options.claim_lease / 3)
+            held = list(self._claims)
+            if not held:
+                continue
+            try:
+                lost = await self.deduplicator.store.extend_claims(
+                    self.holder, held, self.options.claim_lease
+                )
+            except Exception as exc:
+                self.log.warning(
+                    audit.STATE_RETRYING,
+                    operation="claim renewal",
+                    attempt=1,
+                    delay_s=round(self.options.claim_lease / 3, 3),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                continue
+            if lost:
+                self.log.warning(audit.CLAIM_LOST, resources=sorted(lost)[:20], count=len(lost))

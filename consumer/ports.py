@@ -117,17 +117,61 @@ class StateView:
     watermarks: Mapping[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What claiming resources came to: which ones another holder holds (``refused``), and the delivered
+    state of the keys and resources, read in the same atomic step as the claim."""
+
+    refused: frozenset[str]
+    view: StateView
+
+
 class StateStore(Protocol):
-    """Delivered message keys and per-resource version watermarks, remembered for a TTL."""
+    """Delivered message keys and per-resource version watermarks, remembered for a TTL, and claims.
+
+    A claim is a lease on a resource held by one ``holder`` (a process) while a notification of it is being
+    sent: two holders never send the same resource at once, so what one delivered is always judged by the
+    other before it sends. A claim ends when its holder releases it or when its lease expires (a holder that
+    died); a live holder extends its claims well within the lease.
+    """
 
     async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
         """Return, in one round trip, which keys were delivered and the watermarks of the resources."""
         ...
 
     async def record_delivered(
-        self, message_keys: Collection[str], watermarks: Mapping[str, int], ttl_seconds: float
+        self,
+        message_keys: Collection[str],
+        watermarks: Mapping[str, int],
+        ttl_seconds: float,
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
     ) -> None:
-        """Remember delivered keys and raise watermarks (never lower them), in one round trip."""
+        """Remember delivered keys and raise watermarks (never lower them), and end ``holder``'s claims on the
+        ``release`` resources, in one round trip."""
+        ...
+
+    async def claim(
+        self,
+        holder: str,
+        resource_keys: Collection[str],
+        message_keys: Collection[str],
+        lease_seconds: float,
+    ) -> Claim:
+        """Claim every resource no other holder holds and read the delivered state, atomically, in one round
+        trip. Claiming a resource the holder already holds renews it."""
+        ...
+
+    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+        """End ``holder``'s claims on these resources (a claim of another holder is left alone)."""
+        ...
+
+    async def extend_claims(
+        self, holder: str, resource_keys: Collection[str], lease_seconds: float
+    ) -> frozenset[str]:
+        """Renew ``holder``'s claims (taking back any that expired and nobody took); return the resources
+        another holder took meanwhile."""
         ...
 
     async def close(self) -> None: ...
