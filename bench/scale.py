@@ -4,9 +4,11 @@
    backlog's notifications per second with 1 and with 3 replicas, beside the budget's ceiling.
 2. Without a throttle: notifications per second with 1 and 3 replicas, and their ratio (on this 2-core
    machine, three processes share two cores, so the ratio says more about contention than about ctsync).
-3. Redis round trips per delivered batch for batch sizes 10, 100 and 1,000 (target: a constant).
+3. Redis round trips per delivered batch for batch sizes 10, 100 and 1,000 (target: a constant), and
+   in-process payloads/s on Redis state, each with the order rule's claims and without them (a store that
+   grants every claim without asking Redis: the pipeline as it was before claims), in the same run.
 
-Run: ``.venv/bin/python bench/scale.py``.
+Run: ``.venv/bin/python bench/scale.py`` (``--sections 3`` for the round trips alone).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +38,7 @@ from consumer.app import router, throttle_limits  # noqa: E402
 from consumer.config import load_settings  # noqa: E402
 from consumer.dedupe import Deduplicator  # noqa: E402
 from consumer.pipeline import Pipeline, PipelineOptions  # noqa: E402
+from consumer.ports import Claim, StateStore, StateView  # noqa: E402
 from consumer.testing import ListSource, MemoryDeadLetters, RecordingSink  # noqa: E402
 from consumer.throttle import Throttle  # noqa: E402
 
@@ -106,7 +110,47 @@ def replicas_rate(
     return count / (arrivals[-1] - arrivals[0])
 
 
-async def round_trips(redis: RedisServer, batch_size: int, count: int = 5_000) -> float:
+class WithoutClaims:
+    """A Redis state store whose claims are granted without asking Redis: the pipeline before claims."""
+
+    def __init__(self, inner: StateStore) -> None:
+        self.inner = inner
+
+    async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
+        return await self.inner.lookup(message_keys, resource_keys)
+
+    async def record_delivered(
+        self,
+        message_keys: Collection[str],
+        watermarks: Mapping[str, int],
+        ttl_seconds: float,
+        *,
+        holder: str = "",
+        release: Collection[str] = (),
+    ) -> None:
+        await self.inner.record_delivered(message_keys, watermarks, ttl_seconds)
+
+    async def claim(
+        self, holder: str, resource_keys: Collection[str], message_keys: Collection[str], lease_seconds: float
+    ) -> Claim:
+        return Claim(frozenset(), StateView(frozenset(), {}))
+
+    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+        return None
+
+    async def extend_claims(
+        self, holder: str, resource_keys: Collection[str], lease_seconds: float
+    ) -> frozenset[str]:
+        return frozenset()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def round_trips(
+    redis: RedisServer, batch_size: int, count: int = 5_000, claims: bool = True
+) -> tuple[float, float]:
+    """Return (Redis round trips per delivered batch, payloads/s) of an in-process pipeline on Redis."""
     environ = {
         "CTSYNC_STATE_URL": redis.url,
         "CTP_PROJECT_KEY": f"bench-{uuid.uuid4().hex[:6]}",
@@ -120,22 +164,56 @@ async def round_trips(redis: RedisServer, batch_size: int, count: int = 5_000) -
     throttle_port = await open_throttle_store(settings, limits)
     sink = RecordingSink()
     pipeline = Pipeline(
-        source=ListSource(updates(count, f"rt{batch_size}")),
+        source=ListSource(updates(count, f"rt{batch_size}-{uuid.uuid4().hex[:6]}")),
         router=router(settings),
-        deduplicator=Deduplicator(state, 3600),
+        deduplicator=Deduplicator(state if claims else WithoutClaims(state), 3600),
         throttle=Throttle(throttle_port, limits),
         sink=sink,
         dead_letters=MemoryDeadLetters(),
         options=PipelineOptions(batch_size=batch_size),
     )
+    started = time.perf_counter()
     await pipeline.run()
+    elapsed = time.perf_counter() - started
     trips = state.round_trips + throttle_port.round_trips
     await state.close()
     await throttle_port.close()
-    return trips / len(sink.requests)
+    return trips / len(sink.requests), count / elapsed
 
 
-async def main_async(count: int) -> None:
+async def throttled(kafka: Kafka, redis: RedisServer, tmp: Path) -> None:
+    count = 3_000
+    print(f"1. throttled: {count:,} one-update entities, 10 requests/s, batch size 20")
+    print(f"   the budget's ceiling                 {10 * 20:8,.0f} notifications/s")
+    for replicas in (1, 3):
+        topic = await kafka.create_topic(partitions=3)
+        await kafka.produce(topic, updates(count, topic))
+        with HookServer(limit=10, window_seconds=1.0) as hook:
+            rate = await asyncio.to_thread(replicas_rate, kafka, redis, hook, topic, count, replicas, tmp, 20)
+            print(
+                f"   {replicas} replica{'s' if replicas > 1 else ' '}                          "
+                f"{rate:8,.0f} notifications/s   window violations {hook.window_violations}"
+            )
+
+
+async def unthrottled(kafka: Kafka, redis: RedisServer, tmp: Path, count: int) -> None:
+    print(f"2. unthrottled: {count:,} one-update entities, batch size 100")
+    rates = {}
+    for replicas in (1, 3):
+        topic = await kafka.create_topic(partitions=3)
+        await kafka.produce(topic, updates(count, topic))
+        with HookServer() as hook:
+            rates[replicas] = await asyncio.to_thread(
+                replicas_rate, kafka, redis, hook, topic, count, replicas, tmp
+            )
+        print(
+            f"   {replicas} replica{'s' if replicas > 1 else ' '}                          "
+            f"{rates[replicas]:8,.0f} notifications/s"
+        )
+    print(f"   ratio 3 / 1: {rates[3] / rates[1]:.2f} (on {os.cpu_count()} cores)")
+
+
+async def main_async(count: int, sections: set[int]) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tansu, bootstrap = start_tansu(tmp / "tansu.log")
@@ -143,39 +221,36 @@ async def main_async(count: int) -> None:
         redis.start()
         try:
             kafka = Kafka(bootstrap)
-            throttled_count = 3_000
-            print(f"1. throttled: {throttled_count:,} one-update entities, 10 requests/s, batch size 20")
-            print(f"   the budget's ceiling                 {10 * 20:8,.0f} notifications/s")
-            for replicas in (1, 3):
-                topic = await kafka.create_topic(partitions=3)
-                await kafka.produce(topic, updates(throttled_count, topic))
-                with HookServer(limit=10, window_seconds=1.0) as hook:
-                    rate = await asyncio.to_thread(
-                        replicas_rate, kafka, redis, hook, topic, throttled_count, replicas, tmp, 20
-                    )
-                    print(
-                        f"   {replicas} replica{'s' if replicas > 1 else ' '}                          "
-                        f"{rate:8,.0f} notifications/s   window violations {hook.window_violations}"
-                    )
-            print(f"2. unthrottled: {count:,} one-update entities, batch size 100")
-            rates = {}
-            for replicas in (1, 3):
-                topic = await kafka.create_topic(partitions=3)
-                await kafka.produce(topic, updates(count, topic))
-                with HookServer() as hook:
-                    rates[replicas] = await asyncio.to_thread(
-                        replicas_rate, kafka, redis, hook, topic, count, replicas, tmp
-                    )
+            if 1 in sections:
+                await throttled(kafka, redis, tmp)
+            if 2 in sections:
+                await unthrottled(kafka, redis, tmp, count)
+            if 3 in sections:
                 print(
-                    f"   {replicas} replica{'s' if replicas > 1 else ' '}                          "
-                    f"{rates[replicas]:8,.0f} notifications/s"
+                    "3. Redis round trips per delivered batch (state + throttle) and in-process payloads/s,"
                 )
-            print(f"   ratio 3 / 1: {rates[3] / rates[1]:.2f} (on {os.cpu_count()} cores)")
-            print("3. Redis round trips per delivered batch (state + throttle), 5,000 payloads")
-            with open(os.devnull, "wb") as devnull:  # noqa: ASYNC230
-                audit.configure(level="WARNING", stream=devnull)
-                for batch_size in (10, 100, 1_000):
-                    print(f"   batch size {batch_size:5}: {await round_trips(redis, batch_size):5.2f}")
+                print(
+                    "   one update per entity, with claims beside without them (3 interleaved rounds, median)"
+                )
+                with open(os.devnull, "wb") as devnull:  # noqa: ASYNC230
+                    audit.configure(level="WARNING", stream=devnull)
+                    for batch_size in (10, 100, 1_000):
+                        results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+                        for _ in range(3):
+                            for claims in (False, True):
+                                results[claims].append(
+                                    await round_trips(redis, batch_size, count=10_000, claims=claims)
+                                )
+                        without, with_claims = (
+                            sorted(results[False], key=lambda r: r[1])[1],
+                            sorted(results[True], key=lambda r: r[1])[1],
+                        )
+                        print(
+                            f"   batch size {batch_size:5}: "
+                            f"round trips {without[0]:5.2f} -> {with_claims[0]:5.2f}"
+                            f"   payloads/s {without[1]:8,.0f} -> {with_claims[1]:8,.0f}"
+                            f" (ratio {with_claims[1] / without[1]:.2f})"
+                        )
         finally:
             redis.kill()
             stop_process(tansu)
@@ -184,8 +259,9 @@ async def main_async(count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payloads", type=int, default=20_000)
+    parser.add_argument("--sections", default="1,2,3", help="which parts to run, e.g. 3")
     args = parser.parse_args()
-    asyncio.run(main_async(args.payloads))
+    asyncio.run(main_async(args.payloads, {int(n) for n in args.sections.split(",")}))
 
 
 if __name__ == "__main__":

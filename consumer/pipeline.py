@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from consumer import audit
 from consumer.dedupe import Deduplicator, Verdict, rank_version
 from consumer.messages import ChangeEvent, InvalidMessage, parse
-from consumer.outbox import Covered, Outbox, PendingNotification, should_send
+from consumer.outbox import NO_RANK, Covered, Outbox, PendingNotification, should_send
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, HookResponse, Sink, Source
 from consumer.routing import Action, Ignored, Router
 from consumer.throttle import Throttle
@@ -568,7 +568,7 @@ class Pipeline:
                 entries: list[Entry] = []
                 async with self.throttle.request(self.holder):
                     # Taken at the last moment: everything that merged while we waited for the budget rides.
-                    entries = await self._take_claimed()
+                    entries = await self._take_claimed(taken)
                     taken.set()
                     if not entries:
                         return
@@ -712,20 +712,29 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------- claims
 
-    async def _take_claimed(self) -> list[Entry]:
+    async def _take_claimed(self, taken: asyncio.Event) -> list[Entry]:
         """Take the next batch and claim its resources, judging each entry again in the same step.
 
         Another process may hold an entity's resource (it is sending a notification of it): that entry is
         deferred and tried again shortly, un-acked. Changes that the delivered state now covers (delivered
         by a flight that landed since intake judged them, here or elsewhere) are settled as stale. When
         nothing of a batch is left to send, the next ready entries are taken, while there are any.
+        ``taken`` is set once the first entries are taken: the next batch need not wait for the claim.
         """
         while True:
             entries = self.outbox.take(self.options.batch_size)
+            taken.set()
             if not entries:
                 return []
             resources = {resource for entry in entries for resource in entry.resources}
-            keys = [key for entry in entries for key in entry.message_keys]
+            # A versioned change already delivered is covered by its watermark; only versionless ones
+            # need their message keys read again.
+            keys = [
+                key
+                for entry in entries
+                for key, rank in zip(entry.message_keys, entry.change_ranks, strict=True)
+                if rank == NO_RANK
+            ]
             claim = await self._with_store_retry(
                 functools.partial(
                     self.deduplicator.claim, self.holder, resources, keys, self.options.claim_lease
