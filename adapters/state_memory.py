@@ -23,6 +23,8 @@ class MemoryStateStore:
         self._watermarks: dict[str, tuple[int, float]] = {}
         # resource -> (holder, lease expiry)
         self._claims: dict[str, tuple[str, float]] = {}
+        # resource -> (attempted rank, expiry)
+        self._attempts: dict[str, tuple[int, float]] = {}
         self._max_entries = max_entries
         self._clock = clock
 
@@ -47,7 +49,8 @@ class MemoryStateStore:
         release: Collection[str] = (),
     ) -> None:
         self._release(holder, release)
-        expires = self._clock() + ttl_seconds
+        now = self._clock()
+        expires = now + ttl_seconds
         for key in message_keys:
             self._keys.pop(key, None)
             self._keys[key] = expires
@@ -56,22 +59,45 @@ class MemoryStateStore:
             if previous is not None and previous[1] > expires - ttl_seconds:
                 rank = max(rank, previous[0])
             self._watermarks[resource] = (rank, expires)
+            attempt = self._attempts.get(resource)
+            if attempt is not None and (attempt[0] <= rank or attempt[1] <= now):
+                del self._attempts[resource]
         self._evict(self._keys)
         self._evict(self._watermarks)
+        self._evict(self._attempts)
 
     async def claim(
         self,
         holder: str,
-        resource_keys: Collection[str],
+        ranks: Mapping[str, int],
         message_keys: Collection[str],
         lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
         now = self._clock()
-        refused = frozenset(r for r in resource_keys if not self._take(holder, r, now + lease_seconds, now))
-        granted = [r for r in resource_keys if r not in refused]
-        return Claim(refused, await self.lookup(message_keys, granted))
+        refused = frozenset(r for r in ranks if not self._take(holder, r, now + lease_seconds, now))
+        granted = [r for r in ranks if r not in refused]
+        view = await self.lookup(message_keys, granted)
+        attempts: dict[str, int] = {}
+        for resource in granted:
+            watermark = view.watermarks.get(resource, -1)
+            found = self._attempts.get(resource)
+            previous = found[0] if found is not None and found[1] > now else -1
+            if previous > watermark:
+                attempts[resource] = previous
+            # Only a higher attempt is written: one that waits behind an attempt must not keep it alive.
+            if ranks[resource] > max(watermark, previous):
+                self._attempts[resource] = (ranks[resource], now + attempt_seconds)
+        return Claim(refused, view, attempts)
 
-    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+    async def release_claims(
+        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
+    ) -> None:
+        for resource, rank in (withdrawn or {}).items():
+            current = self._claims.get(resource)
+            attempt = self._attempts.get(resource)
+            if current is not None and current[0] == holder and attempt is not None and attempt[0] == rank:
+                del self._attempts[resource]
         self._release(holder, resource_keys)
 
     async def extend_claims(

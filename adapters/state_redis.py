@@ -42,29 +42,36 @@ CALL_TIMEOUT: Final = 5.0
 _KEY: Final = b"k:"
 _WATERMARK: Final = b"w:"
 _CLAIM: Final = b"c:"
+_ATTEMPT: Final = b"a:"
 
-# KEYS: message keys, then watermark keys, then claim keys to release. ARGV[1]: TTL in ms, ARGV[2]: how many
-# KEYS are message keys, ARGV[3]: how many are watermark keys, ARGV[4]: the holder releasing its claims,
-# ARGV[5...]: the rank of each watermark key, in order. A watermark only moves up; a write refreshes its TTL.
-# The claims are released in the same step as the watermarks rise, so no other holder can claim in between
-# and judge against the old watermark.
+# KEYS: message keys, then watermark keys, then the attempt key of each watermark key (same order), then
+# claim keys to release. ARGV[1]: TTL in ms, ARGV[2]: how many KEYS are message keys, ARGV[3]: how many are
+# watermark keys, ARGV[4]: the holder releasing its claims, ARGV[5...]: the rank of each watermark key.
+# A watermark only moves up; a write refreshes its TTL; an attempt at or below it is forgotten. The claims
+# are released in the same step as the watermarks rise, so no other holder can claim in between and judge
+# against the old watermark.
 _RECORD_DELIVERED: Final = """
 local ttl = ARGV[1]
 local count = tonumber(ARGV[2])
-local marks = count + tonumber(ARGV[3])
+local marks = tonumber(ARGV[3])
 for i = 1, count do
     redis.call('SET', KEYS[i], '1', 'PX', ttl)
 end
 -- Ranks stay strings as given: a Lua number would print large ones in exponent notation.
-for i = count + 1, marks do
-    local rank = ARGV[i - count + 4]
-    local current = redis.call('GET', KEYS[i])
+for j = 1, marks do
+    local key = KEYS[count + j]
+    local rank = ARGV[j + 4]
+    local current = redis.call('GET', key)
     if current and tonumber(current) > tonumber(rank) then
         rank = current
     end
-    redis.call('SET', KEYS[i], rank, 'PX', ttl)
+    redis.call('SET', key, rank, 'PX', ttl)
+    local attempt = redis.call('GET', KEYS[count + marks + j])
+    if attempt and tonumber(attempt) <= tonumber(rank) then
+        redis.call('DEL', KEYS[count + marks + j])
+    end
 end
-for i = marks + 1, #KEYS do
+for i = count + 2 * marks + 1, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[4] then
         redis.call('DEL', KEYS[i])
     end
@@ -72,22 +79,34 @@ end
 return #KEYS
 """
 
-# KEYS: n claim keys, their n watermark keys in the same order, then message keys. ARGV[1]: holder,
-# ARGV[2]: lease in ms, ARGV[3]: n. Returns one string per resource ("r": another holder has it, "": claimed
-# and no watermark, else the watermark) and then one per message key ("1": delivered, "": not).
+# KEYS: n claim keys, their n watermark keys and n attempt keys in the same order, then message keys.
+# ARGV[1]: holder, ARGV[2]: lease in ms, ARGV[3]: n, ARGV[4]: attempt TTL in ms, ARGV[5...]: the rank each
+# resource is about to be sent at (-1: none). Returns two strings per resource, then one per message key:
+# the watermark ("r": another holder has the resource, "": none) and the attempt standing above it (""), and
+# "1" for a delivered message key. The attempt is raised to the rank about to be sent when that is higher.
 _CLAIM_SCRIPT: Final = """
-local holder, lease, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local holder, lease, n, attempt_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local out = {}
 for i = 1, n do
     local owner = redis.call('GET', KEYS[i])
     if owner and owner ~= holder then
-        out[i] = 'r'
+        out[#out + 1] = 'r'
+        out[#out + 1] = ''
     else
         redis.call('SET', KEYS[i], holder, 'PX', lease)
-        out[i] = redis.call('GET', KEYS[n + i]) or ''
+        local watermark = redis.call('GET', KEYS[n + i])
+        local attempt = redis.call('GET', KEYS[2 * n + i])
+        local w = watermark and tonumber(watermark) or -1
+        local a = attempt and tonumber(attempt) or -1
+        out[#out + 1] = watermark or ''
+        out[#out + 1] = (a > w) and attempt or ''
+        -- Only a higher attempt is written: one that waits behind an attempt must not keep it alive.
+        if tonumber(ARGV[4 + i]) > math.max(w, a) then
+            redis.call('SET', KEYS[2 * n + i], ARGV[4 + i], 'PX', attempt_ttl)
+        end
     end
 end
-for i = 2 * n + 1, #KEYS do
+for i = 3 * n + 1, #KEYS do
     out[#out + 1] = redis.call('EXISTS', KEYS[i]) == 1 and '1' or ''
 end
 return out
@@ -108,9 +127,18 @@ end
 return lost
 """
 
-# KEYS: claim keys; ARGV[1]: holder. Deletes the ones the holder holds.
+# KEYS: n claim keys to release, then k pairs (claim key, attempt key) of withdrawn attempts. ARGV[1]: holder,
+# ARGV[2]: n, ARGV[3...]: the withdrawn ranks. An attempt is withdrawn only while its holder holds the claim
+# and the attempt still stands at that rank; then the claims end.
 _RELEASE_CLAIMS: Final = """
-for i = 1, #KEYS do
+local n = tonumber(ARGV[2])
+for j = 1, (#KEYS - n) / 2 do
+    local claim, attempt = KEYS[n + 2 * j - 1], KEYS[n + 2 * j]
+    if redis.call('GET', claim) == ARGV[1] and redis.call('GET', attempt) == ARGV[2 + j] then
+        redis.call('DEL', attempt)
+    end
+end
+for i = 1, n do
     if redis.call('GET', KEYS[i]) == ARGV[1] then
         redis.call('DEL', KEYS[i])
     end
@@ -263,7 +291,12 @@ class RedisStateStore:
         claims = [self._key(_CLAIM, resource) for resource in release] if holder else []
         if not keys and not watermarks and not claims:
             return
-        names = keys + [self._key(_WATERMARK, resource) for resource in watermarks] + claims
+        names = (
+            keys
+            + [self._key(_WATERMARK, resource) for resource in watermarks]
+            + [self._key(_ATTEMPT, resource) for resource in watermarks]
+            + claims
+        )
         ttl_ms = max(int(ttl_seconds * 1000), 1)
         args: list[int | str] = [
             ttl_ms,
@@ -278,40 +311,61 @@ class RedisStateStore:
     async def claim(
         self,
         holder: str,
-        resource_keys: Collection[str],
+        ranks: Mapping[str, int],
         message_keys: Collection[str],
         lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
-        """Claim the resources no other holder holds and read the delivered state, with one script call."""
-        resources, keys = list(resource_keys), list(message_keys)
+        """Claim the resources no other holder holds, note the ranks about to be sent, and read the delivered
+        state and earlier attempts, with one script call."""
+        resources, keys = list(ranks), list(message_keys)
         if not resources and not keys:
             return Claim(frozenset(), StateView(frozenset(), {}))
         names = (
             [self._key(_CLAIM, r) for r in resources]
             + [self._key(_WATERMARK, r) for r in resources]
+            + [self._key(_ATTEMPT, r) for r in resources]
             + [self._key(_KEY, k) for k in keys]
         )
-        args: list[str | int] = [holder, _lease_ms(lease_seconds), len(resources)]
+        args: list[str | int] = [
+            holder,
+            _lease_ms(lease_seconds),
+            len(resources),
+            _lease_ms(attempt_seconds),
+            *(int(ranks[r]) for r in resources),
+        ]
         async with self.guard.call():
             values = await self._claim(keys=names, args=args)
         refused: set[str] = set()
         watermarks: dict[str, int] = {}
-        for resource, value in zip(resources, values[: len(resources)], strict=True):
-            if value == b"r":
+        attempts: dict[str, int] = {}
+        for i, resource in enumerate(resources):
+            watermark, attempt = values[2 * i], values[2 * i + 1]
+            if watermark == b"r":
                 refused.add(resource)
-            elif value:
-                watermarks[resource] = int(value)
+                continue
+            if watermark:
+                watermarks[resource] = int(watermark)
+            if attempt:
+                attempts[resource] = int(attempt)
         delivered = frozenset(
-            key for key, value in zip(keys, values[len(resources) :], strict=True) if value == b"1"
+            key for key, value in zip(keys, values[2 * len(resources) :], strict=True) if value == b"1"
         )
-        return Claim(frozenset(refused), StateView(delivered, watermarks))
+        return Claim(frozenset(refused), StateView(delivered, watermarks), attempts)
 
-    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
-        """End the holder's claims on these resources, with one script call."""
+    async def release_claims(
+        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
+    ) -> None:
+        """End the holder's claims on these resources (withdrawing rejected attempts first), with one script
+        call."""
+        withdrawn = withdrawn or {}
         names = [self._key(_CLAIM, r) for r in resource_keys]
+        for resource in withdrawn:
+            names += [self._key(_CLAIM, resource), self._key(_ATTEMPT, resource)]
         if names:
+            args: list[str | int] = [holder, len(resource_keys), *(int(r) for r in withdrawn.values())]
             async with self.guard.call():
-                await self._release(keys=names, args=[holder])
+                await self._release(keys=names, args=args)
 
     async def extend_claims(
         self, holder: str, resource_keys: Collection[str], lease_seconds: float

@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS watermarks (
 CREATE TABLE IF NOT EXISTS claims (
     resource TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    resource TEXT PRIMARY KEY, rank INTEGER NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS delivered_keys_expires ON delivered_keys (expires);
 CREATE INDEX IF NOT EXISTS watermarks_expires ON watermarks (expires);
 """
@@ -65,11 +68,12 @@ class SqliteStateStore:
     async def claim(
         self,
         holder: str,
-        resource_keys: Collection[str],
+        ranks: Mapping[str, int],
         message_keys: Collection[str],
         lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
-        keys, resources = list(message_keys), list(resource_keys)
+        keys, resources = list(message_keys), list(ranks)
         now = self._clock()
 
         def claim(db: sqlite3.Connection) -> Claim:
@@ -77,19 +81,38 @@ class SqliteStateStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 refused = _take(db, holder, resources, now, now + lease_seconds)
-                view = _read(db, keys, [r for r in resources if r not in refused], now)
+                granted = [r for r in resources if r not in refused]
+                view = _read(db, keys, granted, now)
+                attempts: dict[str, int] = {}
+                for resource in granted:
+                    watermark = view.watermarks.get(resource, -1)
+                    row = db.execute(
+                        "SELECT rank FROM attempts WHERE resource = ? AND expires > ?", (resource, now)
+                    ).fetchone()
+                    previous = row[0] if row is not None else -1
+                    if previous > watermark:
+                        attempts[resource] = previous
+                    # Only a higher attempt is written: one that waits behind must not keep it alive.
+                    if ranks[resource] > max(watermark, previous):
+                        db.execute(
+                            "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?)",
+                            (resource, ranks[resource], now + attempt_seconds),
+                        )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return Claim(refused, view)
+            return Claim(refused, view, attempts)
 
         return await self._run(claim)
 
-    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+    async def release_claims(
+        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
+    ) -> None:
         rows = [(resource, holder) for resource in resource_keys]
-        if rows:
-            await self._run(lambda db: _release(db, rows))
+        withdrawals = [(resource, rank, holder) for resource, rank in (withdrawn or {}).items()]
+        if rows or withdrawals:
+            await self._run(lambda db: _release(db, rows, withdrawals))
 
     async def extend_claims(
         self, holder: str, resource_keys: Collection[str], lease_seconds: float
@@ -141,10 +164,15 @@ class SqliteStateStore:
                     mark_rows,
                 )
                 db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", claim_rows)
+                db.executemany(
+                    "DELETE FROM attempts WHERE resource = ? AND rank <= ?",
+                    [(resource, rank) for resource, rank, _, _ in mark_rows],
+                )
                 if purge:
                     db.execute("DELETE FROM delivered_keys WHERE expires <= ?", (now,))
                     db.execute("DELETE FROM watermarks WHERE expires <= ?", (now,))
                     db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
+                    db.execute("DELETE FROM attempts WHERE expires <= ?", (now,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -189,5 +217,19 @@ def _take(
     return frozenset(refused)
 
 
-def _release(db: sqlite3.Connection, rows: Sequence[tuple[str, str]]) -> None:
-    db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", rows)
+def _release(
+    db: sqlite3.Connection, rows: Sequence[tuple[str, str]], withdrawals: Sequence[tuple[str, int, str]]
+) -> None:
+    db.execute("BEGIN")
+    try:
+        # An attempt is withdrawn only by the holder that made it, while it still holds the claim.
+        db.executemany(
+            "DELETE FROM attempts WHERE resource = ?1 AND rank = ?2"
+            " AND EXISTS (SELECT 1 FROM claims WHERE resource = ?1 AND holder = ?3)",
+            withdrawals,
+        )
+        db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", rows)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise

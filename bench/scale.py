@@ -131,11 +131,18 @@ class WithoutClaims:
         await self.inner.record_delivered(message_keys, watermarks, ttl_seconds)
 
     async def claim(
-        self, holder: str, resource_keys: Collection[str], message_keys: Collection[str], lease_seconds: float
+        self,
+        holder: str,
+        ranks: Mapping[str, int],
+        message_keys: Collection[str],
+        lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
         return Claim(frozenset(), StateView(frozenset(), {}))
 
-    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+    async def release_claims(
+        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
+    ) -> None:
         return None
 
     async def extend_claims(

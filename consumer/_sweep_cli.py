@@ -228,14 +228,17 @@ class _ReadOnlyState:
     async def claim(
         self,
         holder: str,
-        resource_keys: Collection[str],
+        ranks: Mapping[str, int],
         message_keys: Collection[str],
         lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
         # A dry run claims nothing (it writes no state) and sends nothing, so it waits for nobody.
-        return Claim(frozenset(), await self.inner.lookup(message_keys, resource_keys))
+        return Claim(frozenset(), await self.inner.lookup(message_keys, ranks))
 
-    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
+    async def release_claims(
+        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
+    ) -> None:
         return None
 
     async def extend_claims(

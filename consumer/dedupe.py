@@ -83,7 +83,13 @@ class Deduplicator:
         )
 
     async def claim(
-        self, holder: str, resources: Collection[str], message_keys: Collection[str], lease_seconds: float
+        self,
+        holder: str,
+        ranks: Mapping[str, int],
+        message_keys: Collection[str],
+        lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
-        """Claim resources for sending and read, in the same step, what was delivered of them."""
-        return await self.store.claim(holder, resources, message_keys, lease_seconds)
+        """Claim resources for sending at these ranks and read, in the same step, what was delivered of them
+        and what was attempted."""
+        return await self.store.claim(holder, ranks, message_keys, lease_seconds, attempt_seconds)

@@ -86,6 +86,11 @@ class PipelineOptions:
     # ``claim_retry`` seconds.
     claim_lease: float = 15.0
     claim_retry: float = 0.25
+    # A notification sent and never confirmed (its process died in between) holds back older changes of its
+    # resource until its own change comes again, for at most ``attempt_ttl`` seconds; they look again every
+    # ``attempt_retry`` seconds.
+    attempt_ttl: float = 300.0
+    attempt_retry: float = 1.0
 
 
 @dataclass(slots=True)
@@ -681,7 +686,8 @@ class Pipeline:
                     for envelope, key in zip(entry.owed, entry.message_keys, strict=True)
                 ]
             )
-            await self._release_claims(self._unclaim(entries))
+            # Rejected, so certainly not accepted: its attempt is withdrawn and holds nothing back.
+            await self._release_claims(self._unclaim(entries), withdrawn=entry.ranks)
             self.outbox.finish(entries)
             return
         middle = len(entries) // 2
@@ -717,16 +723,21 @@ class Pipeline:
 
         Another process may hold an entity's resource (it is sending a notification of it): that entry is
         deferred and tried again shortly, un-acked. Changes that the delivered state now covers (delivered
-        by a flight that landed since intake judged them, here or elsewhere) are settled as stale. When
-        nothing of a batch is left to send, the next ready entries are taken, while there are any.
-        ``taken`` is set once the first entries are taken: the next batch need not wait for the claim.
+        by a flight that landed since intake judged them, here or elsewhere) are settled as stale. An entry
+        below an unconfirmed attempt (a process died after sending a newer notification of the resource and
+        before recording it) waits for the change of that attempt, which was not acked and comes again, to
+        merge into it. When nothing of a batch is left to send, the next ready entries are taken, while
+        there are any. ``taken`` is set once the first entries are taken: the next batch need not wait.
         """
         while True:
             entries = self.outbox.take(self.options.batch_size)
             taken.set()
             if not entries:
                 return []
-            resources = {resource for entry in entries for resource in entry.resources}
+            ranks: dict[str, int] = {}
+            for entry in entries:
+                for resource in entry.resources:
+                    ranks[resource] = max(ranks.get(resource, NO_RANK), entry.ranks.get(resource, NO_RANK))
             # A versioned change already delivered is covered by its watermark; only versionless ones
             # need their message keys read again.
             keys = [
@@ -737,12 +748,18 @@ class Pipeline:
             ]
             claim = await self._with_store_retry(
                 functools.partial(
-                    self.deduplicator.claim, self.holder, resources, keys, self.options.claim_lease
+                    self.deduplicator.claim,
+                    self.holder,
+                    ranks,
+                    keys,
+                    self.options.claim_lease,
+                    self.options.attempt_ttl,
                 ),
                 "claim",
             )
             sendable: list[Entry] = []
             refused: list[Entry] = []
+            behind: list[Entry] = []
             emptied: list[Entry] = []
             for entry in entries:
                 if claim.refused and not claim.refused.isdisjoint(entry.resources):
@@ -751,8 +768,15 @@ class Pipeline:
                 covered = self.outbox.settle_covered(entry, claim.view.watermarks, claim.view.delivered_keys)
                 if covered:
                     self._settle_covered(covered)
-                (sendable if entry.owed else emptied).append(entry)
-            claimed = resources - claim.refused
+                if not entry.owed:
+                    emptied.append(entry)
+                elif any(
+                    claim.attempts.get(resource, NO_RANK) > rank for resource, rank in entry.ranks.items()
+                ):
+                    behind.append(entry)
+                else:
+                    sendable.append(entry)
+            claimed = set(ranks) - claim.refused
             for resource in {r for entry in sendable for r in entry.resources}:
                 self._claims[resource] = self._claims.get(resource, 0) + 1
             unused = claimed.difference(self._claims)
@@ -761,21 +785,28 @@ class Pipeline:
             if emptied:
                 self.outbox.finish(emptied)
             if refused:
-                self._defer(refused)
+                self._defer(refused, "claimed by another process", self.options.claim_retry)
+            if behind:
+                self._defer(
+                    behind, "a newer notification was sent and not confirmed", self.options.attempt_retry
+                )
             if sendable:
                 return sendable
 
-    def _defer(self, entries: list[Entry]) -> None:
+    def _defer(self, entries: list[Entry], reason: str, retry: float) -> None:
         self.counts.claim_waits += len(entries)
         if self._info:
             for entry in entries:
                 self._info_line(
                     audit.NOTIFICATION_CLAIM_WAIT,
-                    {"scope": entry.notification(self.options.debug).scope, "external_id": entry.external_id},
+                    {
+                        "scope": entry.notification(self.options.debug).scope,
+                        "external_id": entry.external_id,
+                        "reason": reason,
+                    },
                 )
         # Jittered, so replicas waiting on each other do not retry in lockstep.
-        delay = self.options.claim_retry * (0.5 + random.random())
-        self.outbox.defer(entries, self.clock() + delay)
+        self.outbox.defer(entries, self.clock() + retry * (0.5 + random.random()))
 
     def _settle_covered(self, covered: list[Covered[Envelope]]) -> None:
         """Settle changes that a delivered notification already covered: they get no notification of their
@@ -823,13 +854,15 @@ class Pipeline:
                     self._claims.pop(resource, None)
         return ended
 
-    async def _release_claims(self, resources: set[str] | list[str]) -> None:
+    async def _release_claims(
+        self, resources: set[str] | list[str], withdrawn: dict[str, int] | None = None
+    ) -> None:
         """End claims now; a failure is left to the leases' expiry (the claims are no longer renewed)."""
-        if not resources:
+        if not resources and not withdrawn:
             return
         try:
             async with asyncio.timeout(self.options.claim_lease / 3):
-                await self.deduplicator.store.release_claims(self.holder, resources)
+                await self.deduplicator.store.release_claims(self.holder, resources, withdrawn)
         except Exception as exc:
             self.log.warning(
                 audit.STATE_RETRYING,

@@ -119,11 +119,14 @@ class StateView:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What claiming resources came to: which ones another holder holds (``refused``), and the delivered
-    state of the keys and resources, read in the same atomic step as the claim."""
+    """What claiming resources came to, read in the same atomic step as the claim: which ones another holder
+    holds (``refused``); the delivered state of the keys and resources; and ``attempts``, the ranks of
+    notifications that were sent but never confirmed delivered (their holder died between the hook's answer
+    and recording it) where they stand above the watermark."""
 
     refused: frozenset[str]
     view: StateView
+    attempts: Mapping[str, int] = field(default_factory=dict)
 
 
 class StateStore(Protocol):
@@ -155,16 +158,30 @@ class StateStore(Protocol):
     async def claim(
         self,
         holder: str,
-        resource_keys: Collection[str],
+        ranks: Mapping[str, int],
         message_keys: Collection[str],
         lease_seconds: float,
+        attempt_seconds: float,
     ) -> Claim:
-        """Claim every resource no other holder holds and read the delivered state, atomically, in one round
-        trip. Claiming a resource the holder already holds renews it."""
+        """Claim every resource of ``ranks`` that no other holder holds and read the delivered state,
+        atomically, in one round trip. Claiming a resource the holder already holds renews it.
+
+        ``ranks`` maps each resource to the highest rank about to be sent (-1: none). For each claimed
+        resource whose rank stands above its watermark the store remembers that rank as an attempt for
+        ``attempt_seconds``, until a delivery at or above it is recorded: if the holder dies after the hook
+        accepted and before the delivery was recorded, the next holder learns that a notification of that
+        rank may have been accepted.
+        """
         ...
 
-    async def release_claims(self, holder: str, resource_keys: Collection[str]) -> None:
-        """End ``holder``'s claims on these resources (a claim of another holder is left alone)."""
+    async def release_claims(
+        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
+    ) -> None:
+        """End ``holder``'s claims on these resources (a claim of another holder is left alone).
+
+        ``withdrawn``: attempts that certainly were not accepted (the hook rejected them), forgotten when
+        they still stand at those ranks.
+        """
         ...
 
     async def extend_claims(

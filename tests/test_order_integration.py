@@ -60,6 +60,27 @@ async def test_one_process_never_notifies_a_resource_after_its_deletion(
     assert hook.violations == 0, hook.summary()
 
 
+async def test_a_process_killed_and_restarted_never_notifies_a_resource_after_its_deletion(
+    kafka: Kafka, hook_server_factory: Callable[..., HookServer], ctsync_process: Callable[..., Ctsync]
+) -> None:
+    hook = slow_hook(hook_server_factory)
+    topic, total, deleted = await produce_unkeyed(kafka, seed=16)
+    env = kafka_env(kafka, topic, f"g-{uuid.uuid4().hex[:8]}", hook, **THROTTLE)
+    first = ctsync_process(env)
+    first.wait_for(lambda: len(hook.notifications) >= 60, timeout=60, message="some deliveries")
+    first.kill()
+    # The same SQLite state: the killed process's claims lapse within the lease, then the restart goes on.
+    again = ctsync_process(env)  # the same name: the same state file, and one log of both runs
+    again.wait_for(
+        lambda: len(acked_offsets(again)) == total,
+        timeout=120,
+        message="every record acked",
+    )
+    assert again.stop() == 0
+    assert deletions_not_last(hook.notifications, deleted) == {}
+    assert hook.violations == 0, hook.summary()
+
+
 async def test_three_replicas_on_redis_never_notify_a_resource_after_its_deletion(
     kafka: Kafka,
     hook_server_factory: Callable[..., HookServer],
