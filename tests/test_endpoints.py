@@ -78,6 +78,7 @@ async def test_health_readiness_and_metrics_follow_the_pipeline() -> None:
             assert scraped["ctsync_hook_requests_total{status=200}"] >= 1
             assert scraped["ctsync_hook_requests_total{status=503}"] == 1
             assert scraped["ctsync_batch_retries_total"] == 1
+            assert scraped["ctsync_claim_waits_total"] == 0
             assert scraped["ctsync_batch_duration_seconds_count"] == pipeline.counts.requests
             assert scraped["ctsync_in_flight_envelopes"] == 0
             assert scraped["ctsync_ready"] == 1
