@@ -11,7 +11,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from adapters._sqlite import SqliteThread
 from consumer.ports import Claim, StateView
@@ -83,21 +83,18 @@ class SqliteStateStore:
                 refused = _take(db, holder, resources, now, now + lease_seconds)
                 granted = [r for r in resources if r not in refused]
                 view = _read(db, keys, granted, now)
+                earlier = _select(db, "SELECT resource, rank FROM attempts", granted, now)
                 attempts: dict[str, int] = {}
+                raised: list[tuple[str, int, float]] = []
                 for resource in granted:
                     watermark = view.watermarks.get(resource, -1)
-                    row = db.execute(
-                        "SELECT rank FROM attempts WHERE resource = ? AND expires > ?", (resource, now)
-                    ).fetchone()
-                    previous = row[0] if row is not None else -1
+                    previous = earlier.get(resource, -1)
                     if previous > watermark:
                         attempts[resource] = previous
                     # Only a higher attempt is written: one that waits behind must not keep it alive.
                     if ranks[resource] > max(watermark, previous):
-                        db.execute(
-                            "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?)",
-                            (resource, ranks[resource], now + attempt_seconds),
-                        )
+                        raised.append((resource, ranks[resource], now + attempt_seconds))
+                db.executemany("INSERT OR REPLACE INTO attempts VALUES (?, ?, ?)", raised)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -147,7 +144,7 @@ class SqliteStateStore:
         expires = now + ttl_seconds
         key_rows = [(key, expires) for key in message_keys]
         mark_rows = [(resource, rank, expires, now) for resource, rank in watermarks.items()]
-        claim_rows = [(resource, holder) for resource in release]
+        released = list(release)
         purge = now - self._last_purge > _PURGE_EVERY_SECONDS
         if purge:
             self._last_purge = now
@@ -163,11 +160,19 @@ class SqliteStateStore:
                     " expires = excluded.expires",
                     mark_rows,
                 )
-                db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", claim_rows)
-                db.executemany(
-                    "DELETE FROM attempts WHERE resource = ? AND rank <= ?",
-                    [(resource, rank) for resource, rank, _, _ in mark_rows],
-                )
+                for chunk in _chunks(released):
+                    marks = ",".join("?" * len(chunk))
+                    db.execute(
+                        f"DELETE FROM claims WHERE holder = ? AND resource IN ({marks})", (holder, *chunk)
+                    )
+                for chunk in _chunks(list(watermarks)):
+                    marks = ",".join("?" * len(chunk))
+                    # An attempt at or below the resource's watermark was confirmed: forget it.
+                    db.execute(
+                        f"DELETE FROM attempts WHERE resource IN ({marks}) AND rank <= "
+                        "(SELECT rank FROM watermarks WHERE watermarks.resource = attempts.resource)",
+                        chunk,
+                    )
                 if purge:
                     db.execute("DELETE FROM delivered_keys WHERE expires <= ?", (now,))
                     db.execute("DELETE FROM watermarks WHERE expires <= ?", (now,))
@@ -192,29 +197,30 @@ def _read(db: sqlite3.Connection, keys: Sequence[str], resources: Sequence[str],
             f"SELECT key FROM delivered_keys WHERE expires > ? AND key IN ({marks})", (now, *chunk)
         )
         delivered.update(row[0] for row in rows)
-    watermarks: dict[str, int] = {}
+    watermarks = _select(db, "SELECT resource, rank FROM watermarks", resources, now)
+    return StateView(frozenset(delivered), watermarks)
+
+
+def _select(db: sqlite3.Connection, query: str, resources: Sequence[str], now: float) -> dict[str, Any]:
+    """Run ``query`` (two columns, keyed by resource) over the unexpired rows of these resources."""
+    found: dict[str, Any] = {}
     for chunk in _chunks(resources):
         marks = ",".join("?" * len(chunk))
-        rows = db.execute(
-            f"SELECT resource, rank FROM watermarks WHERE expires > ? AND resource IN ({marks})",
-            (now, *chunk),
-        )
-        watermarks.update(rows)
-    return StateView(frozenset(delivered), watermarks)
+        found.update(db.execute(f"{query} WHERE expires > ? AND resource IN ({marks})", (now, *chunk)))
+    return found
 
 
 def _take(
     db: sqlite3.Connection, holder: str, resources: Sequence[str], now: float, expires: float
 ) -> frozenset[str]:
     """Claim (or renew) each resource no other live holder holds; return the ones another holds."""
-    refused: set[str] = set()
-    for resource in resources:
-        row = db.execute("SELECT holder, expires FROM claims WHERE resource = ?", (resource,)).fetchone()
-        if row is not None and row[0] != holder and row[1] > now:
-            refused.add(resource)
-        else:
-            db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (resource, holder, expires))
-    return frozenset(refused)
+    holders = _select(db, "SELECT resource, holder FROM claims", resources, now)
+    refused = frozenset(r for r, owner in holders.items() if owner != holder)
+    db.executemany(
+        "INSERT OR REPLACE INTO claims VALUES (?, ?, ?)",
+        [(resource, holder, expires) for resource in resources if resource not in refused],
+    )
+    return refused
 
 
 def _release(

@@ -54,8 +54,10 @@ class PendingNotification(Generic[T]):
 
     The per-change lists (``owed``, ``message_keys``, ``resources``, ``change_ranks``, ``actions``) run in
     parallel, in arrival order. ``action`` follows the entity's newest known state: ``deleted`` when the
-    highest-ranked change is a deletion, else ``created`` when a creation was merged (iPaaS.com does not know
-    the entity yet), else ``updated``. ``ranks`` is the highest rank per resource: what a delivery records.
+    highest-ranked change is a deletion, else ``created`` when a creation was merged (iPaaS.com does not
+    know the entity yet), else ``updated``. ``ranks`` is the highest rank per resource (``NO_RANK`` for a
+    resource whose changes carry no version): what a delivery records. ``versionless`` says some change
+    has no version.
     """
 
     family: str
@@ -66,6 +68,7 @@ class PendingNotification(Generic[T]):
     newest_action: Action = Action.UPDATED
     created_seen: bool = False
     not_before: float = 0.0
+    versionless: bool = False
     owed: list[T] = field(default_factory=list)
     message_keys: list[str] = field(default_factory=list)
     resources: list[str] = field(default_factory=list)
@@ -109,7 +112,10 @@ class PendingNotification(Generic[T]):
             self.action = Action.CREATED
         else:
             self.action = Action.UPDATED
-        if rank > self.ranks.get(resource, NO_RANK):
+        if rank == NO_RANK:
+            self.versionless = True
+        current = self.ranks.get(resource)
+        if current is None or rank > current:
             self.ranks[resource] = rank
 
     def settle_covered(
@@ -151,7 +157,7 @@ class PendingNotification(Generic[T]):
         self.change_ranks = [ranks[i] for i in indices]
         self.actions = [actions[i] for i in indices]
         self.action, self.newest_rank, self.newest_action = Action.UPDATED, NO_RANK, Action.UPDATED
-        self.created_seen = False
+        self.created_seen = self.versionless = False
         self.ranks = {}
         for resource, rank, action in zip(self.resources, self.change_ranks, self.actions, strict=True):
             self._fold(resource, rank, action)

@@ -687,7 +687,9 @@ class Pipeline:
                 ]
             )
             # Rejected, so certainly not accepted: its attempt is withdrawn and holds nothing back.
-            await self._release_claims(self._unclaim(entries), withdrawn=entry.ranks)
+            await self._release_claims(
+                self._unclaim(entries), withdrawn={r: k for r, k in entry.ranks.items() if k != NO_RANK}
+            )
             self.outbox.finish(entries)
             return
         middle = len(entries) // 2
@@ -701,7 +703,7 @@ class Pipeline:
         ranks: dict[str, int] = {}
         for entry in entries:
             for resource, rank in entry.ranks.items():
-                if rank > ranks.get(resource, -1):
+                if rank > ranks.get(resource, NO_RANK):  # a versionless change raises no watermark
                     ranks[resource] = rank
         # The claims end in the same step as the watermarks rise, and stay renewed until then.
         ending = self._claims_ending(entries)
@@ -736,13 +738,15 @@ class Pipeline:
                 return []
             ranks: dict[str, int] = {}
             for entry in entries:
-                for resource in entry.resources:
-                    ranks[resource] = max(ranks.get(resource, NO_RANK), entry.ranks.get(resource, NO_RANK))
+                for resource, rank in entry.ranks.items():
+                    if rank > ranks.get(resource, NO_RANK - 1):
+                        ranks[resource] = rank
             # A versioned change already delivered is covered by its watermark; only versionless ones
             # need their message keys read again.
             keys = [
                 key
                 for entry in entries
+                if entry.versionless
                 for key, rank in zip(entry.message_keys, entry.change_ranks, strict=True)
                 if rank == NO_RANK
             ]
@@ -762,7 +766,7 @@ class Pipeline:
             behind: list[Entry] = []
             emptied: list[Entry] = []
             for entry in entries:
-                if claim.refused and not claim.refused.isdisjoint(entry.resources):
+                if claim.refused and not claim.refused.isdisjoint(entry.ranks):
                     refused.append(entry)
                     continue
                 covered = self.outbox.settle_covered(entry, claim.view.watermarks, claim.view.delivered_keys)
@@ -771,13 +775,14 @@ class Pipeline:
                 if not entry.owed:
                     emptied.append(entry)
                 elif any(
-                    claim.attempts.get(resource, NO_RANK) > rank for resource, rank in entry.ranks.items()
+                    rank != NO_RANK and claim.attempts.get(resource, NO_RANK) > rank
+                    for resource, rank in entry.ranks.items()
                 ):
                     behind.append(entry)
                 else:
                     sendable.append(entry)
             claimed = set(ranks) - claim.refused
-            for resource in {r for entry in sendable for r in entry.resources}:
+            for resource in {r for entry in sendable for r in entry.ranks}:
                 self._claims[resource] = self._claims.get(resource, 0) + 1
             unused = claimed.difference(self._claims)
             if unused:
@@ -838,7 +843,7 @@ class Pipeline:
         them)."""
         holding: dict[str, int] = {}
         for entry in entries:
-            for resource in set(entry.resources):
+            for resource in entry.ranks:
                 holding[resource] = holding.get(resource, 0) + 1
         return [r for r, n in holding.items() if self._claims.get(r, 0) <= n]
 
@@ -846,7 +851,7 @@ class Pipeline:
         """Forget the claims these entries held; return the resources no entry in flight holds any more."""
         ended = self._claims_ending(entries)
         for entry in entries:
-            for resource in set(entry.resources):
+            for resource in entry.ranks:
                 left = self._claims.get(resource, 0) - 1
                 if left > 0:
                     self._claims[resource] = left

@@ -345,3 +345,41 @@ def test_a_crash_between_the_hooks_answer_and_the_record_repeats_at_most_that_no
     assert len(first.acked) + len(second.acked) == len(bodies)
     assert sorted(second.acked) == list(range(len(second._bodies)))
     check(order, [], log, dead, repeats=True)
+
+
+async def test_a_long_flight_keeps_its_claim_alive_past_the_lease() -> None:
+    """A flight that outlasts several leases renews its claim: the other replica waits for it to land."""
+    store, log, dead = MemoryStateStore(), Recorder(), MemoryDeadLetters()
+    events: list[str] = []
+
+    class SlowHook:
+        async def send(self, notifications: Sequence[Notification], correlation_id: str) -> HookResponse:
+            events.append(f"start {notifications[0].scope}")
+            if notifications[0].scope == "product/deleted":
+                await asyncio.sleep(0.6)  # four leases of 0.15 s
+            events.append(f"end {notifications[0].scope}")
+            return HookResponse(200)
+
+        async def close(self) -> None:
+            return None
+
+    options = PipelineOptions(claim_lease=0.15, claim_retry=0.01)
+    limits = ThrottleLimits(limit=1000, window_seconds=1.0, connections=3, batch_executions=3)
+
+    def replica(bodies: list[bytes], pause: float) -> Pipeline:
+        return Pipeline(
+            source=ChunkedSource(bodies, [1], [pause]),
+            router=Router(),
+            deduplicator=Deduplicator(store, 60),
+            throttle=Throttle(LocalThrottleStore(limits), limits),
+            sink=SlowHook(),
+            dead_letters=dead,
+            options=options,
+            log=log,
+        )
+
+    deleting = replica([payload(0, 3, "d")], 0.0)
+    late = replica([payload(0, 2, "u")], 0.1)  # arrives while the deletion is in the air
+    await _run_all([deleting, late])
+    assert events == ["start product/deleted", "end product/deleted"]
+    assert late.counts.stale == 1 and late.counts.claim_waits >= 1
