@@ -383,3 +383,6 @@ async def test_a_long_flight_keeps_its_claim_alive_past_the_lease() -> None:
     await _run_all([deleting, late])
     assert events == ["start product/deleted", "end product/deleted"]
     assert late.counts.stale == 1 and late.counts.claim_waits >= 1
+    # It waited on the live claim all along, never on a lapsed one (which an attempt would then cover).
+    reasons = {fields["reason"] for event, fields in log.events if event == audit.NOTIFICATION_CLAIM_WAIT}
+    assert reasons == {"claimed by another process"}
