@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from adapters._sqlite import SqliteThread
+from adapters._sqlite import SqliteConnection
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -60,7 +60,7 @@ class SqliteCursorStore:
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._sqlite = SqliteThread(self.path, _SCHEMA, name="ctsync-cursors", busy_timeout=30.0)
+        self._sqlite = SqliteConnection(self.path, _SCHEMA, name="ctsync-cursors", busy_timeout=30.0)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         return await self._sqlite.run(fn)

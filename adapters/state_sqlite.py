@@ -1,8 +1,8 @@
 """A StateStore in one SQLite file: delivered keys, watermarks and claims that survive a restart (one replica,
 or processes on one machine sharing the file, such as a backfill beside the service).
 
-SQLite calls are blocking, so they run on one dedicated thread (the connection never changes threads);
-each port call is one transaction on that thread.
+Each port call is one short transaction, run inline on the event loop, or on the connection's own thread
+when another process holds the database locked (``adapters._sqlite.SqliteConnection``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapters._sqlite import SqliteThread
+from adapters._sqlite import SqliteConnection
 from consumer.ports import Claim, StateView
 
 _T = TypeVar("_T")
@@ -50,7 +50,7 @@ class SqliteStateStore:
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._sqlite = SqliteThread(self.path, _SCHEMA, name="ctsync-sqlite", busy_timeout=5.0)
+        self._sqlite = SqliteConnection(self.path, _SCHEMA, name="ctsync-sqlite", busy_timeout=5.0)
         self._last_purge = 0.0
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:

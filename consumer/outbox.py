@@ -20,7 +20,7 @@ When to send is ``should_send``: at once when intake is idle, accumulate while a
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -52,12 +52,13 @@ class Covered(Generic[T]):
 class PendingNotification(Generic[T]):
     """A notification waiting to be sent, the changes it carries and the envelopes it will settle.
 
-    The per-change lists (``owed``, ``message_keys``, ``resources``, ``change_ranks``, ``actions``) run in
-    parallel, in arrival order. ``action`` follows the entity's newest known state: ``deleted`` when the
+    ``owed``, ``message_keys`` and ``changes`` (resource, rank, action) run in parallel, one item per change
+    in arrival order. ``action`` follows the entity's newest known state: ``deleted`` when the
     highest-ranked change is a deletion, else ``created`` when a creation was merged (iPaaS.com does not
     know the entity yet), else ``updated``. ``ranks`` is the highest rank per resource (``NO_RANK`` for a
-    resource whose changes carry no version): what a delivery records. ``versionless`` says some change
-    has no version.
+    resource whose changes carry no version): what a delivery records. ``lowest_rank`` is the lowest rank
+    of a versioned change, and ``versionless`` says some change has no version: together they tell at a
+    glance that nothing of the entry is covered by a watermark.
     """
 
     family: str
@@ -69,11 +70,10 @@ class PendingNotification(Generic[T]):
     created_seen: bool = False
     not_before: float = 0.0
     versionless: bool = False
+    lowest_rank: int = 1 << 62
     owed: list[T] = field(default_factory=list)
     message_keys: list[str] = field(default_factory=list)
-    resources: list[str] = field(default_factory=list)
-    change_ranks: list[int] = field(default_factory=list)
-    actions: list[Action] = field(default_factory=list)
+    changes: list[tuple[str, int, Action]] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -91,19 +91,21 @@ class PendingNotification(Generic[T]):
         rank = NO_RANK if event.version is None else version_rank(event.version, action is Action.DELETED)
         self.owed.append(owed)
         self.message_keys.append(event.message_key)
-        self.resources.append(event.resource_key)
-        self.change_ranks.append(rank)
-        self.actions.append(action)
+        self.changes.append((event.resource_key, rank, action))
         self._fold(event.resource_key, rank, action)
 
     def _fold(self, resource: str, rank: int, action: Action) -> None:
         if rank == NO_RANK:
+            self.versionless = True
             # No version to compare: it is the newest news, except that it never undoes a deletion.
             if self.newest_action is not Action.DELETED or action is Action.DELETED:
                 self.newest_action = action
-        elif rank >= self.newest_rank:
-            self.newest_rank = rank
-            self.newest_action = action
+        else:
+            if rank >= self.newest_rank:
+                self.newest_rank = rank
+                self.newest_action = action
+            if rank < self.lowest_rank:
+                self.lowest_rank = rank
         if action is Action.CREATED:
             self.created_seen = True
         if self.newest_action is Action.DELETED:
@@ -112,21 +114,20 @@ class PendingNotification(Generic[T]):
             self.action = Action.CREATED
         else:
             self.action = Action.UPDATED
-        if rank == NO_RANK:
-            self.versionless = True
         current = self.ranks.get(resource)
         if current is None or rank > current:
             self.ranks[resource] = rank
 
     def settle_covered(
-        self, watermarks: Mapping[str, int], delivered_keys: Container[str]
+        self, watermarks: Mapping[str, int], delivered_keys: Collection[str]
     ) -> list[Covered[T]]:
         """Remove and return the changes already covered by what was delivered; refold what remains."""
+        lowest = self.lowest_rank
+        if not delivered_keys and all(watermarks.get(r, NO_RANK) < lowest for r in self.ranks):
+            return []
         covered: list[Covered[T]] = []
         keep: list[int] = []
-        for i, (key, resource, rank) in enumerate(
-            zip(self.message_keys, self.resources, self.change_ranks, strict=True)
-        ):
+        for i, (key, (resource, rank, _)) in enumerate(zip(self.message_keys, self.changes, strict=True)):
             if key in delivered_keys:
                 covered.append(Covered(self.owed[i], key, resource, None))
                 continue
@@ -143,23 +144,19 @@ class PendingNotification(Generic[T]):
         """Take in the changes of a later entry of the same entity."""
         self.owed.extend(other.owed)
         self.message_keys.extend(other.message_keys)
-        self.resources.extend(other.resources)
-        self.change_ranks.extend(other.change_ranks)
-        self.actions.extend(other.actions)
+        self.changes.extend(other.changes)
         self._keep(range(len(self.owed)))
 
     def _keep(self, indices: list[int] | range) -> None:
-        owed, keys, resources = self.owed, self.message_keys, self.resources
-        ranks, actions = self.change_ranks, self.actions
+        owed, keys, changes = self.owed, self.message_keys, self.changes
         self.owed = [owed[i] for i in indices]
         self.message_keys = [keys[i] for i in indices]
-        self.resources = [resources[i] for i in indices]
-        self.change_ranks = [ranks[i] for i in indices]
-        self.actions = [actions[i] for i in indices]
+        self.changes = [changes[i] for i in indices]
         self.action, self.newest_rank, self.newest_action = Action.UPDATED, NO_RANK, Action.UPDATED
         self.created_seen = self.versionless = False
+        self.lowest_rank = 1 << 62
         self.ranks = {}
-        for resource, rank, action in zip(self.resources, self.change_ranks, self.actions, strict=True):
+        for resource, rank, action in self.changes:
             self._fold(resource, rank, action)
 
     def notification(self, debug: bool) -> Notification:
@@ -251,7 +248,7 @@ class Outbox(Generic[T]):
         return covered
 
     def settle_covered(
-        self, entry: PendingNotification[T], watermarks: Mapping[str, int], delivered_keys: Container[str]
+        self, entry: PendingNotification[T], watermarks: Mapping[str, int], delivered_keys: Collection[str]
     ) -> list[Covered[T]]:
         """Judge a taken entry again against the delivered state; return the changes that state covers."""
         covered = entry.settle_covered(watermarks, delivered_keys)

@@ -747,7 +747,7 @@ class Pipeline:
                 key
                 for entry in entries
                 if entry.versionless
-                for key, rank in zip(entry.message_keys, entry.change_ranks, strict=True)
+                for key, (_, rank, _) in zip(entry.message_keys, entry.changes, strict=True)
                 if rank == NO_RANK
             ]
             claim = await self._with_store_retry(
