@@ -195,9 +195,12 @@ class KafkaSource:
 
     async def _poll(self) -> None:
         consumer = self.consumer
+        # Once paused, the partitions stay paused until half the bound is free: resuming at the first free
+        # slot makes aiokafka drop its prefetched data on every cycle and fetch it again (fetch churn).
+        resume_at = max(1, self.max_in_flight // 2)
         while True:
             room = self.max_in_flight - self.offsets.outstanding()
-            if room <= 0:
+            if room <= 0 or (self._paused and room < resume_at):
                 self._pause()
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
