@@ -49,6 +49,7 @@ bench: install servers
 	$(BIN)/python bench/pubsub.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/backfill.py
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) .ctsync .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis

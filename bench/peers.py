@@ -1,0 +1,310 @@
+"""Benchmark ctsync against its peers: the same job, the same payloads, the same hook, the same broker.
+
+The job: consume a 3-partition Kafka topic of commercetools change notifications from the start with a
+consumer group, parse each record, drop duplicates, coalesce per entity within a batch, notify an
+unthrottled hook (a real HTTP server) with batches of 100 ``{"scope", "external_id"}`` notifications, and
+commit offsets only after the hook accepted. The payloads are one update per entity, so every contender
+sends exactly one notification per payload and the runs are comparable.
+
+Contenders, each a fresh process, in interleaved rounds (medians reported):
+
+- ``hand``: what a competent user writes by hand: one aiokafka consumer (manual commits, ``getmany`` of up
+  to 1,000 records), ``orjson.loads``, a dict of seen message keys, a dict per batch keyed by entity (the
+  newest version wins), one ``httpx.AsyncClient`` POST per 100 notifications, commit after each fetch's
+  notifications were accepted. No durable state, no audit trail, no throttle, no dead letters.
+- ``faststream``: the same handler as a FastStream 0.7 batch subscriber (``batch=True, max_records=100``,
+  ``AckPolicy.ACK``: acked after the handler returns), with the same dedupe dict and httpx client.
+- ``ctsync``: ``ctsync run`` at its defaults (SQLite state, INFO audit trail, batch 100), audit to /dev/null.
+- ``ctsync-memory-1000``: memory state, batch size 1,000.
+
+Figures per contender: payloads/s from the hook's first to last accepted request, CPU-s per 100k payloads
+(user + system of the contender's process), and Kafka fetch requests per 100k payloads, counted by a proxy
+that tansu advertises in front of itself.
+
+Run: ``.venv/bin/python bench/peers.py [--payloads N] [--rounds R]`` (``make bench`` runs it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from hookserver import HookServer  # noqa: E402
+from kafkaserver import Kafka, free_port, start_tansu, stop_process  # noqa: E402
+
+FETCH = 1  # Kafka's api key of a Fetch request
+
+
+# ------------------------------------------------------------------------------------------- the peers
+
+HAND = """
+import asyncio, sys, uuid, httpx, orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+SCOPES = {"ResourceCreated": "created", "ResourceUpdated": "updated", "ResourceDeleted": "deleted"}
+
+async def main():
+    bootstrap, topic, group, url, key = sys.argv[1:6]
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    seen = {}
+    await consumer.start()
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+            pending = {}
+            for records in batches.values():
+                for record in records:
+                    change = orjson.loads(record.value)
+                    resource = change["resource"]
+                    message_key = f"{resource['typeId']}:{resource['id']}:{change['version']}"
+                    if message_key in seen:
+                        continue
+                    seen[message_key] = True
+                    entity = (resource["typeId"], resource["id"])
+                    current = pending.get(entity)
+                    if current is None or current[0] <= change["version"]:
+                        scope = f"{resource['typeId']}/{SCOPES[change['notificationType']]}"
+                        pending[entity] = (change["version"], scope)
+            items = [{"scope": s, "external_id": e[1]} for e, (_, s) in pending.items()]
+            for start in range(0, len(items), 100):
+                response = await client.post(url, json={"notifications": items[start:start + 100]},
+                                             headers={"x-correlation-id": str(uuid.uuid4())})
+                response.raise_for_status()
+            if batches:
+                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+
+asyncio.run(main())
+"""
+
+FASTSTREAM = """
+import asyncio, sys, uuid, httpx, orjson
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+
+SCOPES = {"ResourceCreated": "created", "ResourceUpdated": "updated", "ResourceDeleted": "deleted"}
+bootstrap, topic, group, url, key = sys.argv[1:6]
+broker = KafkaBroker(bootstrap)
+app = FastStream(broker)
+seen = {}
+client = httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+@broker.subscriber(topic, group_id=group, batch=True, max_records=100, auto_offset_reset="earliest",
+                   ack_policy=AckPolicy.ACK)
+async def handle(bodies: list[bytes]) -> None:
+    pending = {}
+    for body in bodies:
+        change = orjson.loads(body)
+        resource = change["resource"]
+        message_key = f"{resource['typeId']}:{resource['id']}:{change['version']}"
+        if message_key in seen:
+            continue
+        seen[message_key] = True
+        entity = (resource["typeId"], resource["id"])
+        current = pending.get(entity)
+        if current is None or current[0] <= change["version"]:
+            scope = f"{resource['typeId']}/{SCOPES[change['notificationType']]}"
+            pending[entity] = (change["version"], scope)
+    if pending:
+        items = [{"scope": s, "external_id": e[1]} for e, (_, s) in pending.items()]
+        response = await client.post(
+            url, json={"notifications": items}, headers={"x-correlation-id": str(uuid.uuid4())}
+        )
+        response.raise_for_status()
+
+asyncio.run(app.run())
+"""
+
+
+def updates(count: int, tag: str) -> list[bytes]:
+    return [
+        orjson.dumps(
+            {
+                "notificationType": "ResourceUpdated",
+                "projectKey": "acme",
+                "resource": {"typeId": "product", "id": f"{tag}-{i}"},
+                "version": 2,
+                "oldVersion": 1,
+                "modifiedAt": "2026-01-01T00:00:00.000Z",
+            }
+        )
+        for i in range(count)
+    ]
+
+
+# ----------------------------------------------------------------------------- counting fetch requests
+
+
+class FetchCounter:
+    """A TCP proxy in front of the broker that counts Fetch requests; tansu advertises it to clients."""
+
+    def __init__(self) -> None:
+        self.upstream = ""  # set once the broker runs: it must be told the proxy's address first
+        self.port = free_port()
+        self.fetches = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+
+    async def _serve(self) -> None:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.upstream.split(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def requests() -> None:
+            while True:
+                header = await reader.readexactly(4)
+                body = await reader.readexactly(struct.unpack(">i", header)[0])
+                if struct.unpack(">h", body[:2])[0] == FETCH:
+                    self.fetches += 1
+                up_writer.write(header + body)
+                await up_writer.drain()
+
+        async def responses() -> None:
+            while data := await up_reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(responses())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except Exception:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            writer.close()
+            up_writer.close()
+
+
+# -------------------------------------------------------------------------------------------- running
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def command(contender: str, bootstrap: str, topic: str, group: str, hook: HookServer, tmp: Path) -> tuple:
+    """Return (argv, env) for one run of a contender."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CTSYNC_", "IPAAS_", "KAFKA_", "CTP_"))}
+    args = [bootstrap, topic, group, hook.url, hook.api_key]
+    if contender == "hand":
+        return [sys.executable, "-c", HAND, *args], base
+    if contender == "faststream":
+        return [sys.executable, "-c", FASTSTREAM, *args], base
+    env = {
+        **base,
+        **hook.env(),
+        "CTSYNC_SOURCE": "kafka",
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KAFKA_TOPICS": topic,
+        "KAFKA_GROUP_ID": group,
+        "CTSYNC_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+        "CTSYNC_DEAD_LETTER_URL": f"file:{tmp}/dead-{group}.jsonl",
+        "IPAAS_THROTTLE_LIMIT": "1000000",
+        "IPAAS_THROTTLE_SECONDS": "1",
+    }
+    if contender == "ctsync":
+        env["CTSYNC_STATE_URL"] = f"sqlite:///{tmp}/state-{group}.db"
+    else:
+        env.update(CTSYNC_STATE_URL="memory://", IPAAS_BATCH_SIZE="1000")
+    return [sys.executable, "-m", "consumer.cli", "run"], env
+
+
+def run_once(
+    contender: str, counter: FetchCounter, topic: str, count: int, hook: HookServer, tmp: Path
+) -> tuple[float, float, float]:
+    """Run one contender to the end; return (payloads/s, CPU-s per 100k, fetch requests per 100k)."""
+    hook.reset()
+    fetches_before = counter.fetches
+    argv, env = command(contender, counter.address, topic, f"{contender}-{uuid.uuid4().hex[:6]}", hook, tmp)
+    with open(os.devnull, "wb") as devnull, (tmp / f"{contender}.err").open("wb") as errors:
+        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    try:
+        deadline = time.monotonic() + 900
+        while len(hook.notifications) < count:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{contender} exited {proc.returncode}: {(tmp / f'{contender}.err').read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{contender}: {len(hook.notifications)} of {count} notifications")
+            time.sleep(0.02)
+        cpu = cpu_seconds(proc.pid)
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+    arrivals = hook.arrivals
+    rate = count / max(arrivals[-1] - arrivals[0], 1e-9)
+    return rate, cpu * 100_000 / count, (counter.fetches - fetches_before) * 100_000 / count
+
+
+async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        counter = FetchCounter()
+        tansu, counter.upstream = start_tansu(tmp / "tansu.log", advertised=counter.address)
+        counter.start()
+        try:
+            kafka = Kafka(counter.upstream)
+            topic = await kafka.create_topic(partitions=3)
+            await kafka.produce(topic, updates(count, topic), key=None)
+            results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in contenders}
+            with HookServer() as hook:
+                for n in range(rounds):
+                    for contender in contenders:
+                        results[contender].append(
+                            await asyncio.to_thread(run_once, contender, counter, topic, count, hook, tmp)
+                        )
+                    print(f"round {n + 1}/{rounds} done", file=sys.stderr)
+        finally:
+            stop_process(tansu)
+    print(f"{count:,} one-update payloads, 3 partitions, unthrottled hook; medians of {rounds} rounds")
+    print(f"{'contender':22} {'payloads/s':>11} {'CPU-s/100k':>11} {'fetches/100k':>13}")
+    medians = {c: tuple(statistics.median(r[i] for r in results[c]) for i in range(3)) for c in contenders}
+    for contender, (rate, cpu, fetches) in medians.items():
+        print(f"{contender:22} {rate:11,.0f} {cpu:11.2f} {fetches:13,.0f}")
+    for contender in contenders:
+        if contender.startswith("ctsync"):
+            for peer in ("faststream", "hand"):
+                if peer in medians:
+                    ratio = medians[contender][0] / medians[peer][0]
+                    print(f"  {contender} / {peer}: {ratio:.2f}x payloads/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--payloads", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contenders", default="hand,faststream,ctsync,ctsync-memory-1000")
+    args = parser.parse_args()
+    asyncio.run(main_async(args.payloads, args.rounds, args.contenders.split(",")))
+
+
+if __name__ == "__main__":
+    main()
