@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters._http_server import EmbeddedServer, listen_socket, serve
+from consumer.audit import redact
 from consumer.config import ListenAddress
 from consumer.pipeline import Pipeline
 from consumer.ports import Source
@@ -125,7 +126,8 @@ def problems(collector: PipelineCollector) -> list[str]:
         problem = collector.source.problem()
         if problem:
             found.append(f"source: {problem}")
-    return found + collector.pipeline.problems()
+    # A problem may quote a server's answer or an exception, which may echo a secret.
+    return [redact(problem) for problem in found + collector.pipeline.problems()]
 
 
 def endpoints_app(pipeline: Pipeline, source: Source) -> Starlette:
