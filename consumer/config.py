@@ -11,6 +11,7 @@ an invalid URL.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -795,6 +796,10 @@ class Settings(BaseSettings):
             if secret is not None
         ]
         secrets += [p for p in (self.state.password, _url_password(self.ipaas_hook_url or "")) if p]
+        if self.ctp_client_id is not None and self.ctp_client_secret is not None:
+            # The Basic credential of the token request, should an auth server echo it.
+            pair = f"{self.ctp_client_id}:{self.ctp_client_secret.get_secret_value()}"
+            secrets.append(base64.b64encode(pair.encode()).decode())
         return [s for s in secrets if s]
 
     def summary(self) -> dict[str, object]:
