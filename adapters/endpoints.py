@@ -37,6 +37,14 @@ class SourceStatus(Protocol):
 
 
 @runtime_checkable
+class SourceAuthentication(Protocol):
+    """A source that takes requests from the network says whether it verifies who sends them."""
+
+    @property
+    def authenticated(self) -> bool: ...
+
+
+@runtime_checkable
 class SourceLag(Protocol):
     def lag(self) -> Mapping[tuple[str, int], int]: ...
 
@@ -105,6 +113,13 @@ class PipelineCollector:
         yield GaugeMetricFamily(
             "ctsync_ready", "1 when /readyz answers 200.", value=0 if problems(self) else 1
         )
+        if isinstance(self.source, SourceAuthentication):
+            yield GaugeMetricFamily(
+                "ctsync_push_unauthenticated",
+                "1 when the push endpoint accepts pushes not verified as the push subscription's "
+                "(PUSH_ALLOW_UNAUTHENTICATED=true).",
+                value=0 if self.source.authenticated else 1,
+            )
         if isinstance(self.source, SourceLag):
             lag = GaugeMetricFamily(
                 "ctsync_kafka_consumer_lag",
