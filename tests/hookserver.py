@@ -82,7 +82,8 @@ class Fault:
     response when ``drop_connection``, or ``status_code`` is answered with ``retry_after``, ``headers`` and
     ``body``; with neither, the request is handled normally after the delay. Build faults with the class
     methods: ``Fault.status(503)``, ``Fault.status(429, retry_after=2)``, ``Fault.delay(0.5)``,
-    ``Fault.drop()``.
+    ``Fault.drop()``; hostile ones: ``Fault.redirect(302, url)``, ``Fault.huge_body(200, size)`` (streamed,
+    see ``HookServer.huge_body_bytes_sent``), ``Fault.echo_key(400)``.
     """
 
     status_code: int | None = None
