@@ -522,6 +522,7 @@ async def open_source(settings: Settings, *, certs_url: str = GOOGLE_CERTS_URL) 
     source = PushSource(
         max_in_flight=settings.ctsync_max_in_flight,
         verifier=verifier,
+        body_timeout=BODY_TIMEOUT_SECONDS,
         header_timeout=settings.push_header_timeout_seconds,
         max_connections=settings.push_max_connections,
         keep_alive=settings.push_keep_alive_seconds,

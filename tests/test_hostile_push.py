@@ -221,6 +221,28 @@ async def test_the_in_flight_place_is_taken_before_the_body_is_read(
     assert sorted(e for _, e in hook_server.notifications) == sorted(f"p-{i}" for i in range(20))
 
 
+async def test_a_body_that_never_ends_gives_its_place_back(
+    hook_server: HookServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CTSYNC_MAX_IN_FLIGHT=1 and a body that stops halfway: 408 after the body deadline, and the place
+    it held serves the next push."""
+    monkeypatch.setattr(push, "BODY_TIMEOUT_SECONDS", 1.0)
+    unused = "http://127.0.0.1:9/certs"
+    async with service(hook_server, tmp_path, unused, audience=False, CTSYNC_MAX_IN_FLIGHT="1") as svc:
+        port = int(svc.url.rsplit(":", 1)[1].strip("/"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        assert (await svc.push(envelope(update("p-late")))).status_code == 429
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+        assert status_line.split()[1] == b"408"
+        writer.close()
+        assert (await svc.push(envelope(update("p-6")))).status_code == 204
+    assert [e for _, e in hook_server.notifications] == ["p-6"]
+
+
 # ---------------------------------------------------------------------------------------- item 3
 
 
