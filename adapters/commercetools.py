@@ -12,6 +12,7 @@ commercetools error codes and the correlation id; the client secret and tokens n
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import time
 import uuid
@@ -24,6 +25,7 @@ import httpx
 import orjson
 
 from adapters._text import USER_AGENT, Secret, one_line
+from consumer.audit import redact
 from consumer.config import Settings
 
 DEFAULT_TIMEOUT: Final = 30.0
@@ -73,7 +75,8 @@ class CommercetoolsError(Exception):
         text = ": ".join(p for p in parts if p) + f": {self.message}"
         if self.correlation_id:
             text += f" (correlation id {self.correlation_id})"
-        return text
+        # The message quotes a server's answer, which may echo a credential: scrubbed at its source too.
+        return redact(text)
 
 
 class AuthenticationError(CommercetoolsError):
@@ -94,8 +97,14 @@ class Token:
         return f"Token(<redacted>, scopes={self.scopes!r}, expires_in={self.expires_in:g})"
 
 
-def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
-    """Return (message, error codes) from a commercetools error body, or the reason phrase."""
+def _error_details(response: httpx.Response, secrets: Sequence[str]) -> tuple[str, list[str]]:
+    """Return (message, error codes) from a commercetools error body, or the reason phrase, with ``secrets``
+    and the process's secrets redacted (an auth server may echo what it was sent)."""
+    message, codes = _raw_error_details(response)
+    return redact(redact(message, secrets)), [redact(redact(code, secrets)) for code in codes]
+
+
+def _raw_error_details(response: httpx.Response) -> tuple[str, list[str]]:
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
@@ -112,6 +121,14 @@ def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
         codes.insert(0, body["error"])
     message = body.get("message") or body.get("error_description") or response.reason_phrase
     return one_line(str(message), _MESSAGE_LIMIT), codes
+
+
+def _encodable(text: str, codec: str) -> bool:
+    try:
+        text.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -146,6 +163,20 @@ class TokenManager:
         self._url = auth_url.rstrip("/") + "/oauth/token"
         self._client_id = client_id
         self._secret = Secret(client_secret)
+        # What the token request carries: the secret, and the Basic credential made of it (base64 of
+        # id:secret; httpx encodes it as UTF-8, other clients as latin-1).
+        pair = f"{client_id}:{client_secret}"
+        self._credentials = tuple(
+            Secret(value)
+            for value in {
+                client_secret,
+                *(
+                    base64.b64encode(pair.encode(c)).decode()
+                    for c in ("utf-8", "latin-1")
+                    if _encodable(pair, c)
+                ),
+            }
+        )
         self._scopes = tuple(scopes)
         self._clock = clock
         self._timeout = timeout
@@ -156,6 +187,11 @@ class TokenManager:
         self._token: Token | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0
+
+    def secrets(self) -> tuple[str, ...]:
+        """Return what must never appear in a message: the client secret, its Basic credential, the token."""
+        current = (self._token.value,) if self._token is not None else ()
+        return (*(credential.reveal() for credential in self._credentials), *current)
 
     async def token(self) -> Token:
         """Return a token that is not due for refresh, fetching one if needed."""
@@ -216,7 +252,7 @@ class TokenManager:
             ) from None
         self.fetches += 1
         if response.status_code != 200:
-            message, codes = _error_details(response)
+            message, codes = _error_details(response, self.secrets())
             raise AuthenticationError(
                 message,
                 status=response.status_code,
@@ -453,7 +489,7 @@ class CommercetoolsClient:
                 ) from None
             if response.is_success:
                 return response
-            message, codes = _error_details(response)
+            message, codes = _error_details(response, (*self.tokens.secrets(), token.value))
             answered_id = response.headers.get(_CORRELATION_HEADER) or correlation_id
             if response.status_code == 401 and not refreshed and "invalid_client" not in codes:
                 refreshed = True

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters._http_server import EmbeddedServer, listen_socket, serve
+from consumer.audit import redact
 from consumer.config import ListenAddress
 from consumer.pipeline import Pipeline
 from consumer.ports import Source
@@ -33,6 +34,14 @@ class SourceStatus(Protocol):
     """What a source may tell the endpoints: why it is not ready, and consumer lag per partition."""
 
     def problem(self) -> str | None: ...
+
+
+@runtime_checkable
+class SourceAuthentication(Protocol):
+    """A source that takes requests from the network says whether it verifies who sends them."""
+
+    @property
+    def authenticated(self) -> bool: ...
 
 
 @runtime_checkable
@@ -109,6 +118,13 @@ class PipelineCollector:
         yield GaugeMetricFamily(
             "ctsync_ready", "1 when /readyz answers 200.", value=0 if problems(self) else 1
         )
+        if isinstance(self.source, SourceAuthentication):
+            yield GaugeMetricFamily(
+                "ctsync_push_unauthenticated",
+                "1 when the push endpoint accepts pushes not verified as the push subscription's "
+                "(PUSH_ALLOW_UNAUTHENTICATED=true).",
+                value=0 if self.source.authenticated else 1,
+            )
         if isinstance(self.source, SourceLag):
             lag = GaugeMetricFamily(
                 "ctsync_kafka_consumer_lag",
@@ -130,7 +146,8 @@ def problems(collector: PipelineCollector) -> list[str]:
         problem = collector.source.problem()
         if problem:
             found.append(f"source: {problem}")
-    return found + collector.pipeline.problems()
+    # A problem may quote a server's answer or an exception, which may echo a secret.
+    return [redact(problem) for problem in found + collector.pipeline.problems()]
 
 
 def endpoints_app(pipeline: Pipeline, source: Source) -> Starlette:

@@ -5,16 +5,20 @@ what came of it as a ``HookResponse``; retries, batch splitting and throttling b
 counts every attempt against the subscription's throttle. Transport failures (timeouts, refused or dropped
 connections) are reported with ``status=None``, never raised. The webhook key is sent only in the
 ``Authorization`` header: it is kept out of reprs, of ``HookResponse.detail`` and of exception messages.
+
+A hostile or broken hook cannot make the client hold much: at most ``BODY_READ_LIMIT`` bytes of any answer
+are read (the status decides, the rest is discarded with the connection), and a redirect is never followed
+(the key would go to another address); its ``Location`` is reported instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,25 +28,31 @@ import httpx
 import orjson
 
 from adapters._text import USER_AGENT, Secret, one_line
+from consumer.audit import redact
+from consumer.config import display_url
 from consumer.ports import HookResponse
 from consumer.routing import Notification
 
 DETAIL_LIMIT = 300
-_SNIPPET_READ_LIMIT = 4096
+# The most of an answer's body ever read, compressed or not; the rest is left unread.
+BODY_READ_LIMIT = 64 * 1024
 _CONNECT_TIMEOUT_CAP = 10.0
-_MIN_REDACTED_KEY = 8
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DELTA_SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Return a ``Retry-After`` value (delta-seconds or HTTP-date) as seconds from ``now``, at least 0.
+    """Return a ``Retry-After`` value (delta-seconds or HTTP-date) as seconds from ``now``, more than 0.
 
-    Return None when the header is absent or unparseable. A date without a zone, and a naive ``now``, are UTC.
+    Return None when the header is absent, unparseable, zero, negative or a date already past: none of
+    them says how long to wait, so the caller backs off on its own instead of retrying at once. A date
+    without a zone, and a naive ``now``, are UTC.
     """
     if value is None or not (text := value.strip()):
         return None
     if _DELTA_SECONDS.fullmatch(text):
-        return max(0.0, float(text))
+        seconds = float(text)
+        return seconds if seconds > 0 else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -53,7 +63,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     seconds = (when - now).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 class _BearerAuth(httpx.Auth):
@@ -140,12 +150,13 @@ class HttpHookSink:
             ):
                 status = response.status_code
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                if response.is_success:
-                    # Read the (small) body so the connection goes back to the pool; only the status matters.
-                    with contextlib.suppress(httpx.DecodingError):
-                        await response.aread()
+                if status in _REDIRECTS:
+                    detail = redirect_detail(self._url, response)
+                elif response.is_success:
+                    # Only the status matters; a small body is read so the connection goes back to the pool.
+                    await read_capped(response)
                 else:
-                    detail = await self._snippet(response)
+                    detail = await snippet(response)
         except TimeoutError:  # asyncio.timeout's deadline for the whole call
             failure = f"timeout: no complete response within {self._timeout:g}s"
         except httpx.TransportError as exc:
@@ -160,25 +171,9 @@ class HttpHookSink:
             detail=self._redact(detail),
         )
 
-    async def _snippet(self, response: httpx.Response) -> str:
-        """Return the start of an error body on one line, or the reason phrase when it is empty."""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in response.aiter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= _SNIPPET_READ_LIMIT:
-                    break  # the rest is not read; httpx then closes this connection instead of reusing it
-        except httpx.DecodingError:
-            return f"{response.reason_phrase} (undecodable body)"
-        text = b"".join(chunks)[:_SNIPPET_READ_LIMIT].decode("utf-8", errors="replace")
-        return one_line(text, DETAIL_LIMIT) or response.reason_phrase
-
     def _redact(self, text: str) -> str:
-        # A key this short cannot be hidden by replacing it without mangling ordinary words.
-        key = self._key.reveal()
-        return text.replace(key, "<redacted>") if len(key) >= _MIN_REDACTED_KEY else text
+        # The key by value, whatever its length, and every other secret the process knows.
+        return redact(redact(text, (self._key.reveal(),)))
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -216,6 +211,53 @@ class HookProbe:
     detail: str
 
 
+async def read_capped(response: httpx.Response, limit: int = BODY_READ_LIMIT) -> bytes:
+    """Return at most ``limit`` bytes of ``response``'s body as sent (not decompressed); the rest is never
+    read, and httpx then closes the connection instead of reusing it."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_raw():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    except httpx.StreamConsumed:  # a transport that answered with the body already read (tests)
+        return response.content[:limit]
+    return b"".join(chunks)[:limit]
+
+
+def _decoded(raw: bytes, encoding: str, limit: int) -> bytes | None:
+    """Decompress at most ``limit`` bytes of a gzip/deflate body (a small bomb stays small); None when the
+    encoding is unknown or the data broken."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw[:limit]
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    try:
+        decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32 if encoding != "deflate" else zlib.MAX_WBITS)
+        return decompressor.decompress(raw, limit)
+    except zlib.error:
+        return None
+
+
+async def snippet(response: httpx.Response, limit: int = DETAIL_LIMIT) -> str:
+    """Return the start of an error body on one line, or the reason phrase when it is empty."""
+    raw = await read_capped(response)
+    body = _decoded(raw, response.headers.get("content-encoding", ""), BODY_READ_LIMIT)
+    if body is None:
+        return f"{response.reason_phrase} (undecodable body)"
+    return one_line(body.decode("utf-8", errors="replace"), limit) or response.reason_phrase
+
+
+def redirect_detail(url: httpx.URL, response: httpx.Response) -> str:
+    """Say which hook URL redirected where, without credentials, query or fragment of either."""
+    location = response.headers.get("location", "")
+    target = display_url(str(url.join(location))) if location else "no Location"
+    return f"IPAAS_HOOK_URL {display_url(str(url))} redirects to {target}; redirects are not followed"
+
+
 async def probe_hook(url: str, api_key: str, *, seconds: float = 10.0) -> HookProbe:
     """POST ``{"notifications": []}`` to the hook with the webhook key, the request ``ctsync check`` uses.
 
@@ -230,11 +272,14 @@ async def probe_hook(url: str, api_key: str, *, seconds: float = 10.0) -> HookPr
     }
     async with httpx.AsyncClient(timeout=seconds, follow_redirects=False) as client:
         try:
-            async with asyncio.timeout(seconds):
-                response = await client.post(url, content=b'{"notifications":[]}', headers=headers)
+            async with (
+                asyncio.timeout(seconds),
+                client.stream("POST", url, content=b'{"notifications":[]}', headers=headers) as response,
+            ):
+                if response.status_code in _REDIRECTS:
+                    detail = redirect_detail(httpx.URL(url), response)
+                else:
+                    detail = await snippet(response, 160)
         except (httpx.TransportError, TimeoutError) as exc:
             return HookProbe(None, f"no response: {type(exc).__name__}")
-    detail = one_line(response.text, 160) or response.reason_phrase
-    if len(api_key) >= 8:
-        detail = detail.replace(api_key, "<redacted>")
-    return HookProbe(response.status_code, detail)
+    return HookProbe(response.status_code, redact(redact(detail, (api_key,))))

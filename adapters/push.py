@@ -9,7 +9,13 @@ load instead of queueing it.
 
 With ``PUSH_AUDIENCE`` set, the Google-signed OIDC token Pub/Sub attaches is verified: signature (Google's
 published certificates, cached), issuer, expiry, audience, and ``PUSH_SERVICE_ACCOUNT`` as the verified
-email. Missing or invalid tokens get 401; valid tokens for another audience or account get 403.
+email. Missing or invalid tokens get 401; valid tokens for another audience or account get 403. Both
+settings are required unless ``PUSH_ALLOW_UNAUTHENTICATED=true`` (configuration checks refuse to start).
+
+Bounds against hostile or broken clients: a request takes its in-flight place before its body is read; a
+body is counted as it arrives and refused with 413 past ``MAX_BODY_BYTES`` (chunked or not) and with 408
+when it does not arrive within ``BODY_TIMEOUT_SECONDS``; headers must arrive within
+``PUSH_HEADER_TIMEOUT_SECONDS``; at most ``PUSH_MAX_CONNECTIONS`` connections are open.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import math
 import re
 import socket
 import time
@@ -30,11 +37,11 @@ import httpx
 import orjson
 from google.auth import jwt
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters._http_server import EmbeddedServer, listen_socket, serve
+from adapters._http_server import EmbeddedServer, guarded_protocol, listen_socket, serve
 from consumer import audit
 from consumer.config import ListenAddress, Settings
 from consumer.ports import Envelope, Fetched, Source
@@ -45,10 +52,17 @@ GOOGLE_ISSUERS: Final = frozenset({"accounts.google.com", "https://accounts.goog
 ANSWER_TIMEOUT_SECONDS: Final = 600.0
 # A 10 MB Pub/Sub message grows by a third in base64, plus the envelope.
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+# Pub/Sub sends a body at once; one that trickles in holds an in-flight place, so it gets a deadline.
+BODY_TIMEOUT_SECONDS: Final = 30.0
 CERTS_TIMEOUT_SECONDS: Final = 10.0
 CERTS_DEFAULT_MAX_AGE: Final = 300.0
 # An unknown key id refetches the certificates at most this often, so junk tokens cannot hammer Google.
 CERTS_MIN_REFRESH_SECONDS: Final = 30.0
+# After a failed fetch, the next waits 1, 2, 4 ... 60 s; meanwhile the last good certificates serve.
+CERTS_RETRY_FIRST_SECONDS: Final = 1.0
+CERTS_RETRY_CAP_SECONDS: Final = 60.0
+# Certificates are served past their max-age at most this long while Google cannot be reached.
+CERTS_MAX_STALE_SECONDS: Final = 6 * 3600.0
 CLOCK_SKEW_SECONDS: Final = 10
 SHUTDOWN_GRACE_SECONDS: Final = 5.0
 
@@ -144,8 +158,44 @@ def _token_problem(exc: Exception) -> str:
     return "the token is malformed"
 
 
+def _segment(text: str) -> Any:
+    return orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+
+
+def parse_unverified(token: str, now: float | None = None) -> tuple[str, dict[str, Any]]:
+    """Return the key id and claims of a token before anything is fetched for it, or raise TokenRejected
+    for what no certificate can make valid: not three parts, not RS256, no key id, expired, not Google's."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenRejected(401, "the token is malformed")
+    try:
+        header, claims = _segment(parts[0]), _segment(parts[1])
+    except (binascii.Error, ValueError):
+        raise TokenRejected(401, "the token is malformed") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise TokenRejected(401, "the token is malformed")
+    kid = header.get("kid")
+    if header.get("alg") != "RS256" or not isinstance(kid, str) or not kid:
+        raise TokenRejected(401, "the token is malformed")
+    expires = claims.get("exp")
+    if not isinstance(expires, int | float) or isinstance(expires, bool):
+        raise TokenRejected(401, "the token is malformed")
+    if expires + CLOCK_SKEW_SECONDS < (time.time() if now is None else now):
+        raise TokenRejected(401, "the token has expired")
+    if claims.get("iss") not in GOOGLE_ISSUERS:
+        raise TokenRejected(401, "the token was not issued by Google")
+    return kid, claims
+
+
 class OidcVerifier:
-    """Verify Pub/Sub's Google-signed OIDC tokens against cached Google certificates."""
+    """Verify Pub/Sub's Google-signed OIDC tokens against cached Google certificates.
+
+    A token is parsed before any certificate is fetched, so junk costs nothing outbound. The certificates
+    are cached for their max-age; then the current ones keep serving while one refresh runs in the
+    background. A failed refresh is retried with backoff, never more than one at a time, and until it
+    succeeds the last good certificates serve (for at most ``CERTS_MAX_STALE_SECONDS``): Google being
+    unreachable does not make valid pushes fail, nor make every request wait for a fetch.
+    """
 
     def __init__(
         self,
@@ -161,8 +211,11 @@ class OidcVerifier:
         self._http = http or httpx.AsyncClient(timeout=CERTS_TIMEOUT_SECONDS)
         self._certs: dict[str, str] = {}
         self._expires = 0.0
-        self._fetched = -CERTS_MIN_REFRESH_SECONDS
-        self._lock = asyncio.Lock()
+        self._fetched = -math.inf
+        self._next_attempt = 0.0
+        self._failures = 0
+        self._failure = ""
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def _fetch(self) -> None:
         try:
@@ -180,14 +233,43 @@ class OidcVerifier:
         now = time.monotonic()
         self._certs, self._expires, self._fetched = certs, now + max_age, now
 
-    async def _current(self, *, refresh: bool = False) -> dict[str, str]:
-        async with self._lock:
-            now = time.monotonic()
-            stale = now >= self._expires
-            may_refresh = refresh and now - self._fetched >= CERTS_MIN_REFRESH_SECONDS
-            if stale or may_refresh:
-                await self._fetch()
+    async def _refresh_once(self) -> None:
+        try:
+            await self._fetch()
+        except CertificatesUnavailable as exc:
+            self._failures += 1
+            self._failure = str(exc)
+            backoff = CERTS_RETRY_FIRST_SECONDS * 2.0 ** (self._failures - 1)
+            self._next_attempt = time.monotonic() + min(backoff, CERTS_RETRY_CAP_SECONDS)
+        else:
+            self._failures, self._failure, self._next_attempt = 0, "", 0.0
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        """Start a refresh unless one is in flight; return the one in flight."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh_once(), name="ctsync-push-certs")
+        return self._refreshing
+
+    def _usable(self, now: float) -> bool:
+        return bool(self._certs) and now < self._expires + CERTS_MAX_STALE_SECONDS
+
+    async def _certificates_for(self, kid: str) -> dict[str, str]:
+        now = time.monotonic()
+        may_fetch = now >= self._next_attempt
+        if self._usable(now) and kid in self._certs:
+            if now >= self._expires and may_fetch:
+                self._start_refresh()  # the current ones serve meanwhile
             return self._certs
+        # An unknown key id: Google rotated its keys, or nothing was fetched yet. Junk key ids must not
+        # make a fetch each, so a known set is refetched for them at most every CERTS_MIN_REFRESH_SECONDS.
+        in_flight = self._refreshing is not None and not self._refreshing.done()
+        rate_limited = bool(self._certs) and now - self._fetched < CERTS_MIN_REFRESH_SECONDS
+        if in_flight or (may_fetch and not rate_limited):
+            # Shielded: a request that gives up does not cancel the fetch the others wait for.
+            await asyncio.shield(self._start_refresh())
+        if not self._usable(time.monotonic()):
+            raise CertificatesUnavailable(self._failure or "Google's certificates are not available yet")
+        return self._certs
 
     async def verify(self, authorization: str | None) -> dict[str, Any]:
         """Return the token's claims, or raise TokenRejected / CertificatesUnavailable."""
@@ -195,10 +277,11 @@ class OidcVerifier:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise TokenRejected(401, "no Bearer token")
-        claims = self._decode(token, await self._current())
-        if claims is None:
-            # Google rotates its keys: a token signed by a new key needs fresh certificates.
-            claims = self._decode(token, await self._current(refresh=True))
+        kid, _ = parse_unverified(token)
+        certs = await self._certificates_for(kid)
+        if kid not in certs:
+            raise TokenRejected(401, "the token is signed by an unknown key")
+        claims = self._decode(token, {kid: certs[kid]})
         if claims is None:
             raise TokenRejected(401, "the token is signed by an unknown key")
         if claims.get("iss") not in GOOGLE_ISSUERS:
@@ -228,14 +311,20 @@ class OidcVerifier:
         return claims
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
         await self._http.aclose()
 
 
 # ------------------------------------------------------------------------------------------------ source
 
 
-def _error(status: int, reason: str) -> Response:
-    return JSONResponse({"error": reason}, status_code=status)
+def _error(status: int, reason: str, *, close: bool = False) -> Response:
+    # close: the rest of the body is not read, so the connection cannot carry another request.
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
 class PushSource:
@@ -249,10 +338,18 @@ class PushSource:
         max_in_flight: int,
         verifier: OidcVerifier | None = None,
         answer_timeout: float = ANSWER_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+        header_timeout: float = 10.0,
+        max_connections: int = 256,
+        keep_alive: int = 5,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.verifier = verifier
         self.answer_timeout = answer_timeout
+        self.body_timeout = body_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.keep_alive = keep_alive
         self.log = audit.get_logger("ctsync.push").bind()
         self.app = Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
         self._ready: deque[Envelope] = deque()
@@ -262,6 +359,11 @@ class PushSource:
         self._server: EmbeddedServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether every push must carry a Google OIDC token for PUSH_AUDIENCE from PUSH_SERVICE_ACCOUNT."""
+        return self.verifier is not None and self.verifier.service_account is not None
 
     @property
     def address(self) -> ListenAddress:
@@ -278,6 +380,10 @@ class PushSource:
             self._socket,
             "ctsync-push",
             timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
+            http=guarded_protocol(self.header_timeout, self.max_connections),
+            # uvicorn answers 503 to a request arriving while this many connections are open.
+            limit_concurrency=self.max_connections,
+            timeout_keep_alive=self.keep_alive,
         )
 
     def problem(self) -> str | None:
@@ -300,16 +406,43 @@ class PushSource:
                 return _error(503, "cannot verify the token now")
         if self._waiting >= self.max_in_flight:
             return _error(429, "saturated: CTSYNC_MAX_IN_FLIGHT messages are waiting")
+        # The place is taken before the body is read: slow bodies count against the bound too.
+        self._waiting += 1
+        try:
+            body = await self._read_body(request)
+            if isinstance(body, Response):
+                return body
+            try:
+                pushed = parse_push_envelope(body)
+            except MalformedPush as exc:
+                self.log.warning(PUSH_REJECTED, status=400, reason=str(exc), size=len(body))
+                return _error(400, str(exc))
+            return await self._hand_over(pushed)
+        finally:
+            self._waiting -= 1
+
+    async def _read_body(self, request: Request) -> bytes | Response:
+        """Return the body, counted as it arrives; or the answer when it is too large or too slow."""
+        too_large = "the body is larger than a Pub/Sub push envelope can be"
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return _error(413, "the body is larger than a Pub/Sub push envelope can be")
-        body = await request.body()
+            return _error(413, too_large, close=True)
+        body = bytearray()
         try:
-            pushed = parse_push_envelope(body)
-        except MalformedPush as exc:
-            self.log.warning(PUSH_REJECTED, status=400, reason=str(exc), size=len(body))
-            return _error(400, str(exc))
-        return await self._hand_over(pushed)
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        self.log.warning(PUSH_REJECTED, status=413, reason=too_large, size=len(body))
+                        return _error(413, too_large, close=True)
+        except TimeoutError:
+            self.log.warning(
+                PUSH_REJECTED, status=408, reason="the body was not sent in time", size=len(body)
+            )
+            return _error(408, "the body was not sent in time", close=True)
+        except ClientDisconnect:
+            return _error(400, "the client went away", close=True)
+        return bytes(body)
 
     async def _hand_over(self, pushed: PushedMessage) -> Response:
         settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -330,17 +463,13 @@ class PushSource:
                 "subscription": pushed.subscription,
             },
         )
-        self._waiting += 1
+        self._ready.append(envelope)
+        self._arrived.set()
         try:
-            self._ready.append(envelope)
-            self._arrived.set()
-            try:
-                async with asyncio.timeout(self.answer_timeout):
-                    acked = await settled
-            except TimeoutError:
-                return _error(503, "not settled in time; Pub/Sub will redeliver")
-        finally:
-            self._waiting -= 1
+            async with asyncio.timeout(self.answer_timeout):
+                acked = await settled
+        except TimeoutError:
+            return _error(503, "not settled in time; Pub/Sub will redeliver")
         if acked:
             return Response(status_code=204)
         return _error(503, "handed back; Pub/Sub will redeliver")
@@ -390,7 +519,26 @@ async def open_source(settings: Settings, *, certs_url: str = GOOGLE_CERTS_URL) 
         if settings.push_audience is not None
         else None
     )
-    source = PushSource(max_in_flight=settings.ctsync_max_in_flight, verifier=verifier)
+    source = PushSource(
+        max_in_flight=settings.ctsync_max_in_flight,
+        verifier=verifier,
+        body_timeout=BODY_TIMEOUT_SECONDS,
+        header_timeout=settings.push_header_timeout_seconds,
+        max_connections=settings.push_max_connections,
+        keep_alive=settings.push_keep_alive_seconds,
+    )
+    if not source.authenticated:
+        # Only reachable with PUSH_ALLOW_UNAUTHENTICATED=true: configuration checks refuse it otherwise.
+        audit.get_logger().warning(
+            audit.CONFIG_WARNING,
+            variable="PUSH_ALLOW_UNAUTHENTICATED",
+            reason=(
+                "the push endpoint accepts requests without a Google OIDC token"
+                if verifier is None
+                else "the push endpoint accepts a token any Google account mints for PUSH_AUDIENCE "
+                "(PUSH_SERVICE_ACCOUNT is not set)"
+            ),
+        )
     try:
         await source.start(settings.push_listen)
     except BaseException:

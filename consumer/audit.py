@@ -72,9 +72,37 @@ SECRET_FIELDS: Final = frozenset(
         "secret",
     }
 )
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-# Shorter secret values would scrub innocent text; such values are still covered by field names.
-_MIN_SCRUBBED_LENGTH = 4
+# A credential after "Bearer"/"Basic" that is not a configured secret (an access token the auth server
+# issued, say) is recognised by its shape: long, and holding a digit or very long. Ordinary words after the
+# scheme ("no Bearer token", "Basic authentication failed") stay readable.
+_CREDENTIAL_AFTER_SCHEME = re.compile(
+    r"(?i)\b(bearer|basic)(\s+)((?=[A-Za-z0-9._~+/=-]*\d)[A-Za-z0-9._~+/=-]{20,}|[A-Za-z0-9._~+/=-]{32,})"
+)
+# Secrets at least this long are scrubbed from the rendered line, a few C-level scans; shorter ones could
+# match inside field names or JSON syntax, so they are scrubbed from each string value before rendering.
+_RENDERED_SCRUB_LENGTH = 8
+_process_secrets: tuple[str, ...] = ()
+
+
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    """Return ``text`` with every secret value, of any length, and every credential-shaped word after
+    ``Bearer``/``Basic`` replaced by ``[redacted]``.
+
+    The one redaction of free text: log lines, dead-letter reasons, ``/readyz``, ``check`` output and error
+    messages all go through it. ``secrets`` defaults to those the process configured (``configure``).
+    """
+    ordered = _process_secrets if secrets is None else _longest_first(secrets)
+    for secret in ordered:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    if "earer" in text or "asic" in text or "EARER" in text or "ASIC" in text:
+        text = _CREDENTIAL_AFTER_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    return text
+
+
+def _longest_first(secrets: Iterable[str]) -> tuple[str, ...]:
+    # Longest first: a secret that contains another is replaced whole.
+    return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
 
 
 class Redactor:
@@ -88,10 +116,12 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SCRUBBED_LENGTH}, key=len, reverse=True)
+        self.secrets = _longest_first(secrets)
+        self._short = tuple(s for s in self.secrets if len(s) < _RENDERED_SCRUB_LENGTH)
+        long = [s for s in self.secrets if len(s) >= _RENDERED_SCRUB_LENGTH]
         # Both the raw form and the JSON-escaped form (a secret holding a quote or backslash is escaped).
         self._secret_bytes = sorted(
-            {form for s in self.secrets for form in (s.encode(), orjson.dumps(s)[1:-1])},
+            {form for s in long for form in (s.encode(), orjson.dumps(s)[1:-1])},
             key=len,
             reverse=True,
         )
@@ -106,7 +136,19 @@ class Redactor:
         for key, value in event_dict.items():
             if type(value) in _CONTAINERS:
                 event_dict[key] = self._names(value)
+        if self._short:
+            for key, value in event_dict.items():
+                event_dict[key] = self._short_values(value)
         return event_dict
+
+    def _short_values(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value, self._short) if any(s in value for s in self._short) else value
+        if isinstance(value, dict):
+            return {k: self._short_values(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._short_values(v) for v in value]
+        return value
 
     def _names(self, value: Any) -> Any:
         if isinstance(value, dict):
@@ -120,12 +162,7 @@ class Redactor:
 
     def scrub(self, text: str) -> str:
         """Return ``text`` with every known secret value and Bearer/Basic credential replaced."""
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        if "earer" in text or "asic" in text:
-            text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-        return text
+        return redact(text, self.secrets)
 
     def scrub_rendered(self, logger: WrappedLogger, method_name: str, rendered: Any) -> Any:
         """Scrub a rendered line (bytes from the JSON renderer, str from the console one)."""
@@ -134,8 +171,8 @@ class Redactor:
         for secret in self._secret_bytes:
             if secret in rendered:
                 rendered = rendered.replace(secret, self._redacted_bytes)
-        if b"earer" in rendered or b"asic" in rendered:
-            rendered = self.scrub(rendered.decode("utf-8", "replace")).encode()
+        if b"earer" in rendered or b"asic" in rendered or b"EARER" in rendered or b"ASIC" in rendered:
+            rendered = redact(rendered.decode("utf-8", "replace"), ()).encode()
         return rendered
 
 
@@ -185,7 +222,9 @@ def configure(
     stream: BinaryIO | None = None,
 ) -> Redactor:
     """Set up structlog: JSON lines (or console text) on stdout, redacted; return the redactor."""
-    global _info_enabled, _info_writer
+    global _info_enabled, _info_writer, _process_secrets
+    secrets = tuple(secrets)
+    _process_secrets = _longest_first(secrets)
     _info_enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
     redactor = Redactor(secrets)
     _info_writer = None

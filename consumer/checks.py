@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
+from consumer.audit import redact
 from consumer.config import KNOWN_REGIONS, Settings, commercetools_region, display_url
 
 if TYPE_CHECKING:
@@ -281,6 +282,13 @@ def hook_result(status: int | None, detail: str) -> CheckResult:
         return fail(
             name, f"the hook answered {status}: {detail}", "check IPAAS_HOOK_URL (copy it from iPaaS.com)"
         )
+    if 300 <= status < 400:
+        # Not followed: the key would go to the other address.
+        return fail(
+            name,
+            f"the hook answered {status}: {detail}",
+            "set IPAAS_HOOK_URL to the final address, once you know it is iPaaS.com's",
+        )
     return fail(
         name, f"the hook answered {status}: {detail}", "check IPAAS_HOOK_URL; retry if iPaaS.com is down"
     )
@@ -301,9 +309,9 @@ def render_text(results: Sequence[CheckResult]) -> list[str]:
     lines: list[str] = []
     width = max((len(r.name) for r in results), default=0)
     for r in results:
-        lines.append(f"{r.status.value:<4}  {r.name:<{width}}  {r.detail}")
+        lines.append(redact(f"{r.status.value:<4}  {r.name:<{width}}  {r.detail}"))
         if r.fix and r.status is Status.FAIL:
-            lines.append(f"{'':<4}  {'':<{width}}  fix: {r.fix}")
+            lines.append(redact(f"{'':<4}  {'':<{width}}  fix: {r.fix}"))
     failed = [r.name for r in results if not r.passed]
     lines.append("all checks passed" if not failed else f"not ready: {', '.join(failed)}")
     return lines
@@ -312,7 +320,10 @@ def render_text(results: Sequence[CheckResult]) -> list[str]:
 def render_json(results: Sequence[CheckResult]) -> dict[str, Any]:
     return {
         "ok": all(r.passed for r in results),
-        "checks": [{**asdict(r), "status": r.status.value} for r in results],
+        "checks": [
+            {**asdict(r), "status": r.status.value, "detail": redact(r.detail), "fix": redact(r.fix)}
+            for r in results
+        ],
     }
 
 

@@ -11,6 +11,7 @@ an invalid URL.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -67,6 +68,9 @@ _REQUIRED_FOR: Final[Mapping[str, tuple[str, ...]]] = {
     "backfill": _COMMERCETOOLS_API,
     "reconcile": _COMMERCETOOLS_API,
 }
+# iPaaS.com's webhook keys are long random strings; a short one is a truncated paste, and too short to be
+# told apart from ordinary text when output is redacted.
+MIN_WEBHOOK_KEY_LENGTH: Final = 16
 _EXAMPLE_REGION: Final = "europe-west1.gcp"
 _SECRET_MIN_SCRUB: Final = 4
 _MAX_ECHO: Final = 80
@@ -441,6 +445,14 @@ class Settings(BaseSettings):
     push_listen: Listen = Field(ListenAddress("0.0.0.0", 8080), validation_alias="PUSH_LISTEN")
     push_audience: str | None = Field(None, validation_alias="PUSH_AUDIENCE")
     push_service_account: str | None = Field(None, validation_alias="PUSH_SERVICE_ACCOUNT")
+    push_allow_unauthenticated: bool = Field(False, validation_alias="PUSH_ALLOW_UNAUTHENTICATED")
+    # Bounds of the push endpoint (README "Security"): open connections, time to send the request headers,
+    # idle time between requests on one connection.
+    push_max_connections: int = Field(256, ge=1, le=10000, validation_alias="PUSH_MAX_CONNECTIONS")
+    push_header_timeout_seconds: float = Field(
+        10, gt=0, le=600, allow_inf_nan=False, validation_alias="PUSH_HEADER_TIMEOUT_SECONDS"
+    )
+    push_keep_alive_seconds: int = Field(5, ge=1, le=600, validation_alias="PUSH_KEEP_ALIVE_SECONDS")
 
     ctsync_state_url: str = Field("sqlite:///ctsync-state.db", validation_alias="CTSYNC_STATE_URL")
     ctsync_dead_letter_url: str = Field(
@@ -688,6 +700,15 @@ class Settings(BaseSettings):
                 "IPAAS_HOOK_URL",
             )
 
+        webhook_key = self.ipaas_webhook_api_key
+        if webhook_key is not None and len(webhook_key.get_secret_value()) < MIN_WEBHOOK_KEY_LENGTH:
+            problem(
+                f"IPAAS_WEBHOOK_API_KEY: is shorter than {MIN_WEBHOOK_KEY_LENGTH} characters; copy the whole "
+                "key from the iPaaS.com subscription's settings page",
+                "IPAAS_WEBHOOK_API_KEY",
+                "IPAAS_HOOK_URL",
+            )
+
         protocol = self.kafka_security_protocol
         if protocol.startswith("SASL_"):
             for name in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"):
@@ -719,6 +740,20 @@ class Settings(BaseSettings):
                 "PUBSUB_SUBSCRIPTION",
                 "CTSYNC_SOURCE",
             )
+        serves_push = kind == "push" and bool(words) and words[0] in ("run", "check")
+        if serves_push and not self.push_allow_unauthenticated:
+            # Without both, anyone (no audience) or any Google account (no service account) can push.
+            for name, what in (
+                ("PUSH_AUDIENCE", "the audience of the push subscription's OIDC token"),
+                ("PUSH_SERVICE_ACCOUNT", "the push subscription's service account email"),
+            ):
+                if getattr(self, name.lower()) is None:
+                    problem(
+                        f"{name}: required when CTSYNC_SOURCE=push ({what}); to accept pushes that are not "
+                        "verified, set PUSH_ALLOW_UNAUTHENTICATED=true",
+                        name,
+                        "CTSYNC_SOURCE",
+                    )
         if kind == "push" and self.push_service_account is not None and self.push_audience is None:
             # Without an audience no token is verified at all, so the account would silently check nothing.
             problem(
@@ -761,6 +796,10 @@ class Settings(BaseSettings):
             if secret is not None
         ]
         secrets += [p for p in (self.state.password, _url_password(self.ipaas_hook_url or "")) if p]
+        if self.ctp_client_id is not None and self.ctp_client_secret is not None:
+            # The Basic credential of the token request, should an auth server echo it.
+            pair = f"{self.ctp_client_id}:{self.ctp_client_secret.get_secret_value()}"
+            secrets.append(base64.b64encode(pair.encode()).decode())
         return [s for s in secrets if s]
 
     def summary(self) -> dict[str, object]:

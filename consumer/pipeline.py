@@ -41,13 +41,17 @@ class Outcome(StrEnum):
     UNUSABLE = "unusable"
 
 
-SUCCESS_STATUSES = frozenset({200, 202, 204})
+# Any 2xx: a 201 taken for a failure would send an accepted batch again and again.
+SUCCESS_STATUSES = frozenset(range(200, 300))
 
 
 def classify(status: int | None) -> Outcome:
     """Classify a hook answer. None means no answer arrived (timeout, connection error)."""
     if status in SUCCESS_STATUSES:
         return Outcome.DELIVERED
+    if status is not None and 300 <= status < 400:
+        # A redirect is not followed (the key would leave for another address): like a wrong URL.
+        return Outcome.UNUSABLE
     if status in (400, 413, 422):
         # 413 too: a smaller batch may pass, and a single notification that is still too large is poison.
         return Outcome.REJECTED
@@ -648,9 +652,10 @@ class Pipeline:
                 )
             else:
                 delay = (
-                    # A far-future Retry-After date must not stall the service for days.
-                    min(response.retry_after, self.options.retry_after_cap)
-                    if response.retry_after is not None
+                    # A far-future Retry-After date must not stall the service for days, and a tiny one must
+                    # not allow a retry storm: never below the backoff's first step.
+                    max(min(response.retry_after, self.options.retry_after_cap), self.options.retry_base)
+                    if response.retry_after is not None and response.retry_after > 0
                     else backoff_delay(attempt, self.options.retry_base, self.options.retry_cap)
                 )
                 if response.status == 429:

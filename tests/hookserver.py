@@ -82,7 +82,8 @@ class Fault:
     response when ``drop_connection``, or ``status_code`` is answered with ``retry_after``, ``headers`` and
     ``body``; with neither, the request is handled normally after the delay. Build faults with the class
     methods: ``Fault.status(503)``, ``Fault.status(429, retry_after=2)``, ``Fault.delay(0.5)``,
-    ``Fault.drop()``.
+    ``Fault.drop()``; hostile ones: ``Fault.redirect(302, url)``, ``Fault.huge_body(200, size)`` (streamed,
+    see ``HookServer.huge_body_bytes_sent``), ``Fault.echo_key(400)``.
     """
 
     status_code: int | None = None
@@ -92,6 +93,8 @@ class Fault:
     drop_connection: bool = False
     body: bytes | str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    body_size: int = 0
+    echo_authorization: bool = False
 
     @classmethod
     def status(
@@ -107,6 +110,23 @@ class Fault:
         """Answer ``code``; ``retry_after`` in seconds (``http_date=True`` sends now + that as an HTTP-date),
         a datetime (sent as an HTTP-date) or a raw header string; ``body`` replaces the JSON error body."""
         return cls(code, retry_after, http_date, delay, False, body, tuple(headers))
+
+    @classmethod
+    def huge_body(cls, code: int, size: int) -> Fault:
+        """Answer ``code`` with a body of ``size`` bytes, written in pieces as the client reads (a hostile
+        or broken hook's endless answer); the request counts as accepted when ``code`` is a 2xx."""
+        return cls(code, body_size=size)
+
+    @classmethod
+    def echo_key(cls, code: int) -> Fault:
+        """Answer ``code`` with a body quoting the request's ``Authorization`` header, as a careless hook
+        might in an error message."""
+        return cls(code, echo_authorization=True)
+
+    @classmethod
+    def redirect(cls, code: int, location: str) -> Fault:
+        """Answer a redirect ``code`` (301, 302, 303, 307, 308) to ``location``."""
+        return cls(code, headers=(("Location", location),), body="")
 
     @classmethod
     def delay(cls, seconds: float, then: Fault | None = None) -> Fault:
@@ -280,6 +300,7 @@ class _Answer:
     reason: str = ""
     headers: list[tuple[str, str]] = field(default_factory=list)
     close: bool = False
+    body_size: int = 0
 
 
 class _BodyError(Exception):
@@ -407,13 +428,19 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in answer.headers:
                 self.send_header(name, value)
             if answer.status != 204 and answer.status >= 200:
-                self.send_header("Content-Length", str(len(answer.body)))
+                self.send_header("Content-Length", str(answer.body_size or len(answer.body)))
             if answer.close:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
             if answer.body and answer.status != 204 and self.command != "HEAD":
                 self.wfile.write(answer.body)
+            piece = b"x" * 65536
+            left = answer.body_size
+            while left > 0 and not self.server.hooks._stopping.is_set():
+                self.wfile.write(piece[:left])
+                self.server.hooks._body_sent(min(left, len(piece)))
+                left -= len(piece)
         except OSError:
             self.close_connection = True
 
@@ -491,6 +518,7 @@ class HookServer:
         self._window_violations = 0
         self._concurrency_violations = 0
         self._errors: list[str] = []
+        self._huge_body_bytes_sent = 0
 
     # lifecycle
 
@@ -618,6 +646,17 @@ class HookServer:
         """The most requests being handled at once (from headers read to just before the answer is sent)."""
         with self._lock:
             return self._peak_in_flight
+
+    @property
+    def huge_body_bytes_sent(self) -> int:
+        """Bytes of ``Fault.huge_body`` answers the clients took before they stopped reading (the kernel's
+        socket buffers included)."""
+        with self._lock:
+            return self._huge_body_bytes_sent
+
+    def _body_sent(self, size: int) -> None:
+        with self._lock:
+            self._huge_body_bytes_sent += size
 
     @property
     def open_connections(self) -> int:
@@ -840,7 +879,11 @@ class HookServer:
         throttled: _Answer | None,
     ) -> _Answer:
         if fault is not None and fault.status_code is not None:
-            return self._fault_answer(fault)
+            answer = self._fault_answer(fault)
+            if fault.echo_authorization:
+                quoted = request.header("authorization") or ""
+                answer.body = json.dumps({"error": f"refused credentials: {quoted}"}).encode()
+            return answer
         if throttled is not None:
             return throttled
         if request.method != "POST":
@@ -884,6 +927,9 @@ class HookServer:
     @staticmethod
     def _fault_answer(fault: Fault) -> _Answer:
         assert fault.status_code is not None
+        if fault.body_size:
+            kind = [("Content-Type", "text/plain")]
+            return _Answer(fault.status_code, b"", "fault", kind, body_size=fault.body_size)
         if fault.body is None:
             answer = _json_error(fault.status_code, "injected fault", "fault", status=fault.status_code)
         else:

@@ -221,6 +221,9 @@ def test_push_listen_in_use(
         taken.listen()
         port = taken.getsockname()[1]
         env.update(CTSYNC_SOURCE="push", PUSH_LISTEN=f"127.0.0.1:{port}", CTSYNC_HTTP_LISTEN="127.0.0.1:0")
+        env.update(
+            PUSH_AUDIENCE="https://ctsync.example/push", PUSH_SERVICE_ACCOUNT="push@p.iam.gserviceaccount.com"
+        )
         result = run_check(env)
     assert result.line("source").startswith("FAIL") and str(port) in result.line("source")
 

@@ -257,7 +257,7 @@ def test_loopback_mock_servers_accepted_over_http() -> None:
         CTP_API_URL="http://127.0.0.1:18080", CTP_AUTH_URL="http://localhost:18080", CTP_PROJECT_KEY="demo"
     )
     assert s.ctp_api_url == "http://127.0.0.1:18080"
-    assert load(IPAAS_HOOK_URL="http://[::1]:8000/hook", IPAAS_WEBHOOK_API_KEY="k").ipaas_hook_url
+    assert load(IPAAS_HOOK_URL="http://[::1]:8000/hook", IPAAS_WEBHOOK_API_KEY="k" * 16).ipaas_hook_url
 
 
 def test_store_scoped_permissions_name_the_project() -> None:
@@ -430,7 +430,7 @@ def test_each_problem_is_one_line_naming_its_variable(
 def test_source_is_required_for_run_only() -> None:
     assert problems_of({}, "run") == ["CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)"]
     assert load("replay").source is None
-    assert load("run", CTSYNC_SOURCE="push").source == SourceSpec("push")
+    assert load("run", CTSYNC_SOURCE="push", PUSH_ALLOW_UNAUTHENTICATED="true").source == SourceSpec("push")
 
 
 def test_subscription_needs_commercetools_settings() -> None:
@@ -617,7 +617,7 @@ def test_unknown_variables_catch_typos(tmp_path: Path) -> None:
 
 def test_every_setting_is_known() -> None:
     assert unknown_variables(dict.fromkeys(SETTING_VARIABLES, "x")) == []
-    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 38
+    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 42
 
 
 def test_summary_is_safe_to_log() -> None:

@@ -72,8 +72,8 @@ async def test_stop_hands_back_what_did_not_land() -> None:
 
 
 def test_classify_and_backoff() -> None:
-    assert [classify(s) for s in (200, 202, 204)] == [Outcome.DELIVERED] * 3
-    assert classify(201) is Outcome.RETRY
+    assert [classify(s) for s in (200, 201, 202, 203, 204, 206, 299)] == [Outcome.DELIVERED] * 7
+    assert [classify(s) for s in (301, 302, 303, 307, 308)] == [Outcome.UNUSABLE] * 5
     assert [classify(s) for s in (400, 413, 422)] == [Outcome.REJECTED] * 3
     assert [classify(s) for s in (401, 403, 404)] == [Outcome.UNUSABLE] * 3
     assert [classify(s) for s in (None, 408, 429, 500, 503)] == [Outcome.RETRY] * 5

@@ -200,6 +200,8 @@ async def service(
     }
     if audience:
         environ.update(PUSH_AUDIENCE=AUDIENCE, PUSH_SERVICE_ACCOUNT=ACCOUNT)
+    else:
+        environ.update(PUSH_ALLOW_UNAUTHENTICATED="true")
     settings = load_settings(environ=environ)
     source = await push.open_source(settings, certs_url=certs_url)
     assert isinstance(source, push.PushSource)
@@ -321,6 +323,7 @@ def test_ctsync_run_with_push_source_answers_and_stops_on_sigterm(
         CTSYNC_HTTP_LISTEN="127.0.0.1:0",
         CTSYNC_STATE_URL="memory://",
         CTSYNC_DEAD_LETTER_URL=f"file:{tmp_path}/dead.jsonl",
+        PUSH_ALLOW_UNAUTHENTICATED="true",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "consumer.cli", "run"],
