@@ -16,6 +16,7 @@ from typing import Any
 from consumer import audit
 from consumer.config import Settings
 from consumer.dedupe import Deduplicator
+from consumer.dry_run import DryRunSink, HandingBackSource, ReadOnlyStateStore
 from consumer.pipeline import Pipeline, PipelineOptions
 from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleStore
 from consumer.routing import Router, ScopeMap, load_scope_map
@@ -51,6 +52,10 @@ async def _collect_every(interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         gc.collect()
+
+
+# Sources whose acks change what the stream delivers next (the names their adapters give them).
+STREAM_SOURCES = frozenset({"kafka", "kafka-dead-letters", "pubsub", "push"})
 
 
 class UnsupportedSetting(ValueError):
@@ -123,9 +128,7 @@ async def dead_letter_sink(settings: Settings) -> DeadLetterSink:
 
 
 def sink(settings: Settings) -> Sink:
-    if settings.ipaas_hook_url is None:
-        from adapters.ipaas import DryRunSink
-
+    if settings.ctsync_dry_run or settings.ipaas_hook_url is None:
         log = audit.get_logger("ctsync.dry_run")
         return DryRunSink(lambda **fields: log.info("dry_run.would_send", **fields))
     from adapters.ipaas import HttpHookSink
@@ -181,12 +184,19 @@ class App:
 async def build(settings: Settings, source: Source, *, finite: bool) -> App:
     """Build the pipeline for ``source``; ``finite`` runs (replay) give up on a hook that refuses the key."""
     resources = AsyncExitStack()
+    # A dry run on a stream (broker or push) must leave it as it found it: nothing acked, nothing recorded.
+    # A file has nothing to ack, and recording keeps `make run` twice showing dedupe at work.
+    hands_back = settings.ctsync_dry_run and source.name in STREAM_SOURCES
+    if hands_back:
+        source = HandingBackSource(source)
     try:
         resources.push_async_callback(source.close)
         limits = throttle_limits(settings)
         throttle_port = await throttle_store(settings)
         resources.push_async_callback(throttle_port.close)
         store = await state_store(settings)
+        if hands_back:
+            store = ReadOnlyStateStore(store)
         resources.push_async_callback(store.close)
         letters = await dead_letter_sink(settings)
         resources.push_async_callback(letters.close)

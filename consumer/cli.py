@@ -70,8 +70,17 @@ def main() -> None:
 @main.command()
 @ENV_FILE
 @click.option("--follow", is_flag=True, help="With a file: source, keep reading lines appended later.")
-def run(env_file: Path | None, follow: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Send nothing: log what would be sent; on a broker or push source ack and record nothing "
+    "(same as CTSYNC_DRY_RUN=true).",
+)
+def run(env_file: Path | None, follow: bool, dry_run: bool) -> None:
     """Run the service: consume, deliver, ack, until SIGTERM/SIGINT; then drain and stop."""
+    if dry_run:
+        # Through the environment, so the setting is loaded, checked and logged like any other.
+        os.environ["CTSYNC_DRY_RUN"] = "true"
     settings = _settings(env_file, "run")
     if settings.source is None:
         _config_failure(["CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)"])

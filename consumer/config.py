@@ -5,8 +5,9 @@ wins), validates each variable, then checks the settings that only make sense to
 ``ConfigError`` listing every problem, one line each, starting with the variable's name. Problem lines never
 contain a secret, not even when a secret was pasted into the wrong variable.
 
-An empty or blank value counts as unset, so ``IPAAS_HOOK_URL=`` in a compose file means dry-run rather than
-an invalid URL.
+An empty or blank value counts as unset. A dry run is only ever explicit (``CTSYNC_DRY_RUN=true`` or
+``ctsync run --dry-run``): ``run`` with a source and no ``IPAAS_HOOK_URL`` is a configuration error, because a
+misspelt or forgotten hook URL would otherwise consume the stream without sending anything.
 """
 
 from __future__ import annotations
@@ -407,6 +408,8 @@ class Settings(BaseSettings):
 
     ipaas_hook_url: str | None = Field(None, validation_alias="IPAAS_HOOK_URL")
     ipaas_webhook_api_key: SecretStr | None = Field(None, validation_alias="IPAAS_WEBHOOK_API_KEY")
+    # Only ever explicit: a dry run sends nothing and, on a broker or push source, acks and records nothing.
+    ctsync_dry_run: bool = Field(False, validation_alias="CTSYNC_DRY_RUN")
     ipaas_throttle_limit: int = Field(500, ge=1, validation_alias="IPAAS_THROTTLE_LIMIT")
     ipaas_throttle_seconds: float = Field(
         60, gt=0, allow_inf_nan=False, validation_alias="IPAAS_THROTTLE_SECONDS"
@@ -680,6 +683,17 @@ class Settings(BaseSettings):
                 "CTP_PROJECT_KEY",
             )
 
+        if (
+            words[:1] == ["run"]
+            and self.ctsync_source is not None
+            and self.ipaas_hook_url is None
+            and not self.ctsync_dry_run
+        ):
+            problem(
+                "IPAAS_HOOK_URL: required for run (the iPaaS.com subscription's hook URL); for a dry run, "
+                "which sends, acks and records nothing, pass --dry-run or set CTSYNC_DRY_RUN=true",
+                "IPAAS_HOOK_URL",
+            )
         if self.ipaas_hook_url is not None and self.ipaas_webhook_api_key is None:
             problem(
                 "IPAAS_WEBHOOK_API_KEY: required when IPAAS_HOOK_URL is set (the hook's Bearer token, "
@@ -777,7 +791,7 @@ class Settings(BaseSettings):
                 summary[name] = value
         summary["ipaas_hook_url"] = None if self.ipaas_hook_url is None else display_url(self.ipaas_hook_url)
         summary["ctsync_state_url"] = display_url(self.ctsync_state_url)
-        summary["dry_run"] = self.ipaas_hook_url is None
+        summary["dry_run"] = self.ctsync_dry_run or self.ipaas_hook_url is None
         return summary
 
 

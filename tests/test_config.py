@@ -430,7 +430,7 @@ def test_each_problem_is_one_line_naming_its_variable(
 def test_source_is_required_for_run_only() -> None:
     assert problems_of({}, "run") == ["CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)"]
     assert load("replay").source is None
-    assert load("run", CTSYNC_SOURCE="push").source == SourceSpec("push")
+    assert load("run", CTSYNC_SOURCE="push", CTSYNC_DRY_RUN="true").source == SourceSpec("push")
 
 
 def test_subscription_needs_commercetools_settings() -> None:
@@ -617,7 +617,7 @@ def test_unknown_variables_catch_typos(tmp_path: Path) -> None:
 
 def test_every_setting_is_known() -> None:
     assert unknown_variables(dict.fromkeys(SETTING_VARIABLES, "x")) == []
-    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 38
+    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 39
 
 
 def test_summary_is_safe_to_log() -> None:
