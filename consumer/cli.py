@@ -157,6 +157,15 @@ class SignalStop:
 async def _serve(
     settings: Settings, open_source: Callable[[], Awaitable[Source]], *, command: str, finite: bool
 ) -> int:
+    code, _ = await _serve_counted(settings, open_source, command=command, finite=finite)
+    return code
+
+
+async def _serve_counted(
+    settings: Settings, open_source: Callable[[], Awaitable[Source]], *, command: str, finite: bool
+) -> tuple[int, dict[str, Any]]:
+    """Run a pipeline from ``open_source``; return the exit code and the run's counts (empty when it never
+    started)."""
     log = audit.get_logger()
     try:
         source = await open_source()
@@ -167,7 +176,7 @@ async def _serve(
             _config_failure([_describe(exc, "CTSYNC_SOURCE")])
         log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
         click.echo(f"ctsync: cannot open the source: {_describe_runtime(exc)}", err=True)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, {}
     try:
         built = await app.build(settings, source, finite=finite)
     except (app.UnsupportedSetting, ScopeMapError) as exc:
@@ -179,7 +188,7 @@ async def _serve(
         await source.close()
         log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
         click.echo(f"ctsync: {_describe_runtime(exc)}", err=True)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, {}
     endpoints = None
     if command == "run" and not finite:
         from adapters.endpoints import open_endpoints
@@ -190,7 +199,7 @@ async def _serve(
             await built.aclose()
             log.error(audit.SERVICE_STOPPED, command=command, error=str(exc))
             click.echo(f"ctsync: {exc}", err=True)
-            return EXIT_FAILURE
+            return EXIT_FAILURE, {}
     started = time.monotonic()
     log.info(audit.SERVICE_STARTED, command=command, source=source.name, **settings.summary())
     code = EXIT_OK
@@ -223,7 +232,7 @@ async def _serve(
     if command == "replay" or finite:
         for line in app.summary_lines(counts_dict):
             click.echo(line, err=True)
-    return code
+    return code, counts_dict
 
 
 def _configure_stderr_audit(settings: Settings | None, secrets: list[str]) -> None:

@@ -683,15 +683,12 @@ class Settings(BaseSettings):
                 "CTP_PROJECT_KEY",
             )
 
-        if (
-            words[:1] == ["run"]
-            and self.ctsync_source is not None
-            and self.ipaas_hook_url is None
-            and not self.ctsync_dry_run
-        ):
+        # Without a hook these would take what they read as sent and settle it for good.
+        consumes = (words[:1] == ["run"] and self.ctsync_source is not None) or words[:1] == ["dead-letters"]
+        if consumes and self.ipaas_hook_url is None and not self.ctsync_dry_run:
             problem(
-                "IPAAS_HOOK_URL: required for run (the iPaaS.com subscription's hook URL); for a dry run, "
-                "which sends, acks and records nothing, pass --dry-run or set CTSYNC_DRY_RUN=true",
+                f"IPAAS_HOOK_URL: required for {command} (the iPaaS.com subscription's hook URL); for a dry "
+                "run, which sends, acks and records nothing, set CTSYNC_DRY_RUN=true (run: --dry-run)",
                 "IPAAS_HOOK_URL",
             )
         if self.ipaas_hook_url is not None and self.ipaas_webhook_api_key is None:
