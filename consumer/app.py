@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +83,14 @@ async def state_store(settings: Settings) -> StateStore:
 
         return MemoryStateStore()
     if state.kind == "sqlite":
-        from adapters.state_sqlite import SqliteStateStore
+        from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
 
         assert state.path is not None
         store = SqliteStateStore(state.path)
-        await store.open()
+        try:
+            await store.open()
+        except UnusableStateFile as exc:
+            raise UnsupportedSetting(f"CTSYNC_STATE_URL: {exc}") from None
         return store
     if state.kind == "redis":
         from adapters.state_redis import open_state_store
@@ -172,6 +175,16 @@ async def configured_source(settings: Settings, *, follow: bool = False) -> Sour
     raise UnsupportedSetting(f"CTSYNC_SOURCE: the {spec.kind} source is not supported by this build yet")
 
 
+async def closing_within(close: Callable[[], Awaitable[None]], seconds: float, what: str) -> None:
+    """Run ``close``, giving up after ``seconds``: a stop must end even when the far side is gone. What was
+    not committed then is redelivered, never lost."""
+    try:
+        async with asyncio.timeout(seconds):
+            await close()
+    except TimeoutError:
+        audit.get_logger().warning("service.close_timeout", resource=what, timeout_s=seconds)
+
+
 @dataclass
 class App:
     pipeline: Pipeline
@@ -190,7 +203,10 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
     if hands_back:
         source = HandingBackSource(source)
     try:
-        resources.push_async_callback(source.close)
+        # Bounded: closing a Kafka source commits and leaves the group, which waits for ever on a dead broker.
+        resources.push_async_callback(
+            closing_within, source.close, settings.ctsync_drain_timeout_seconds, "source"
+        )
         limits = throttle_limits(settings)
         throttle_port = await throttle_store(settings)
         resources.push_async_callback(throttle_port.close)
