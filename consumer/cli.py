@@ -143,9 +143,21 @@ class SignalStop:
 
     def _on_signal(self, signum: int) -> None:
         self.seen.append(signum)
+        name = signal.Signals(signum).name
+        # On stderr, for the person who pressed Ctrl-C: what happens now, and how to cut it short.
         if len(self.seen) == 1:
             self.stop.set()
+            click.echo(
+                f"ctsync: {name}: stopping; waiting up to {self.pipeline.options.drain_timeout:g}s "
+                "(CTSYNC_DRAIN_TIMEOUT_SECONDS) for in-flight work to land, then handing back the rest. "
+                "Send it again (Ctrl-C) to stop at once.",
+                err=True,
+            )
         else:
+            if len(self.seen) == 2:
+                click.echo(
+                    f"ctsync: {name} again: stopping at once; what has not landed is handed back", err=True
+                )
             self.pipeline.abandon()
 
     @property
