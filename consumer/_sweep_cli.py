@@ -390,9 +390,8 @@ async def _sweep_with(
     if left and not plan.dry_run:
         click.echo(f"  not complete: {', '.join(left)}; run the same command again to resume", err=True)
         for type_id in left:
-            tracker = source.trackers.get(type_id)
-            cursor = tracker.value if tracker is not None else None
-            where = f"after id {cursor}" if cursor is not None else "from the start"
+            resume_after = source.trackers[type_id].value if type_id in source.trackers else None
+            where = f"after id {resume_after}" if resume_after is not None else "from the start"
             click.echo(f"  {type_id} resumes {where}", err=True)
     if left and code == EXIT_OK:
         # The sweep did not finish (stopped by a signal): not a success, whatever was delivered.
