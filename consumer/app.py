@@ -189,6 +189,7 @@ async def closing_within(close: Callable[[], Awaitable[None]], seconds: float, w
 class App:
     pipeline: Pipeline
     resources: AsyncExitStack
+    state: StateStore | None = None
 
     async def aclose(self) -> None:
         await self.resources.aclose()
@@ -236,7 +237,54 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
     except BaseException:
         await resources.aclose()
         raise
-    return App(pipeline, resources)
+    return App(pipeline, resources, store)
+
+
+STATE_PROBE_KEY = "ctsync:readiness-probe"
+STATE_PROBE_TIMEOUT_SECONDS = 5.0
+
+
+@asynccontextmanager
+async def state_probed(built: App, *, enabled: bool = True, retry_cap: float = 15.0) -> AsyncIterator[None]:
+    """Within the block, readiness is honest from the start: the service reports not-ready (and takes no
+    work) until its state store answered one lookup, rather than until the first message finds it down.
+    """
+    store, health = built.state, built.pipeline.health
+    if store is None or not enabled:
+        yield
+        return
+    unchecked = "state store: not checked yet"
+    health.state_problem = health.state_problem or unchecked
+
+    async def probe() -> None:
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(STATE_PROBE_TIMEOUT_SECONDS):
+                    await store.lookup([STATE_PROBE_KEY], [])
+            except Exception as exc:
+                attempt += 1
+                health.state_problem = f"state store: {type(exc).__name__}: {exc}".rstrip(": ")
+                audit.get_logger().warning(
+                    audit.STATE_RETRYING,
+                    operation="start-up probe",
+                    attempt=attempt,
+                    error=health.state_problem,
+                )
+                await asyncio.sleep(min(retry_cap, 2.0 ** (attempt - 1)))
+                continue
+            if health.state_problem.startswith("state store: "):
+                health.state_problem = ""
+            if attempt:
+                audit.get_logger().info(audit.STATE_RECOVERED, operation="start-up probe", attempts=attempt)
+            return
+
+    task = asyncio.create_task(probe(), name="ctsync-state-probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def summary_lines(counts: dict[str, Any]) -> list[str]:

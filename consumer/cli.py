@@ -219,7 +219,10 @@ async def _serve_counted(
     signals = SignalStop(built.pipeline)
     try:
         with signals:
-            async with app.garbage_collected_on_a_clock():
+            async with (
+                app.garbage_collected_on_a_clock(),
+                app.state_probed(built, enabled=endpoints is not None),
+            ):
                 await built.pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)
