@@ -78,7 +78,8 @@ class JsonlFileSource:
     keys are remembered. A broken dead-letter record is not passed on: it is logged with its line number
     and kept in ``malformed`` (``(line, reason)``), so a replay can report it.
 
-    With ``follow``, lines appended later are read too (like ``tail -f``). With
+    With ``follow``, lines appended later are read too, and a file truncated or replaced (rotated) is read
+    again from its start (like ``tail -F``), with a ``file.truncated`` / ``file.rotated`` event. With
     ``snapshot``, reading stops at the size the file had when opened: a dead-letter replay may append to the
     very file it reads, and must not read its own output for ever.
     """
@@ -109,6 +110,39 @@ class JsonlFileSource:
             if self.snapshot:
                 self._end = os.fstat(self._file.fileno()).st_size
 
+    def _reopen_if_replaced(self) -> bool:
+        """At the end of a followed file, notice that it was truncated or replaced (rotated) and go on from
+        the start of what is there now, like ``tail -F``; return whether it did."""
+        assert self._file is not None
+        read_to = self._file.tell()
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # moved away, and the new file is not there yet
+        current = os.fstat(self._file.fileno())
+        if (named.st_dev, named.st_ino) != (current.st_dev, current.st_ino):
+            if current.st_size > read_to:
+                return False  # lines written to the old file before it was moved: read them first
+            self._file.close()
+            self._file = self.path.open("rb")
+            event = "file.rotated"
+        elif current.st_size < read_to:
+            self._file.seek(0)
+            event = "file.truncated"
+        else:
+            return False
+        self.log.warning(
+            event,
+            file=str(self.path),
+            lines_read=self._line,
+            read_bytes=read_to,
+            size_now=named.st_size,
+            fragment_dropped=len(self._partial),
+        )
+        self._line = 0
+        self._partial = b""
+        return True
+
     def _read(self, max_count: int) -> list[Envelope]:
         self.open()
         assert self._file is not None
@@ -120,6 +154,8 @@ class JsonlFileSource:
                 left = self._end - self._file.tell()
                 raw = self._file.readline(left) if left > 0 else b""
             if not raw:
+                if self.follow and self._reopen_if_replaced():
+                    continue
                 self._eof = True
                 break
             if not raw.endswith(b"\n") and self.follow:
