@@ -379,6 +379,28 @@ async def probe(settings: Settings) -> str:
     return f"subscription {name} at {_endpoint(settings)}: " + ", ".join(parts)
 
 
+async def subscription_topic(settings: Settings) -> str:
+    """Return the topic PUBSUB_SUBSCRIPTION is attached to (for ``subscription ensure``).
+
+    Raises LookupError when the subscription does not exist, ConnectionError when Pub/Sub cannot be
+    reached or refuses.
+    """
+    name = settings.pubsub_subscription
+    if name is None:
+        raise LookupError("PUBSUB_SUBSCRIPTION: not set (projects/<project>/subscriptions/<subscription>)")
+    client = await asyncio.to_thread(subscriber_client, settings)
+    try:
+        subscription = await _get_subscription(client, name)
+    except Exception as exc:
+        raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(settings)) from exc
+    finally:
+        await asyncio.to_thread(_close_client, client)
+    topic: str = subscription.topic
+    if not topic or topic == "_deleted-topic_":
+        raise LookupError(f"PUBSUB_SUBSCRIPTION: {name} is attached to no topic (it was deleted)")
+    return topic
+
+
 # ------------------------------------------------------------------------------------------ dead letters
 
 
@@ -468,6 +490,36 @@ async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSin
         await asyncio.to_thread(_close_client, client)
         raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(settings)) from exc
     return PubSubDeadLetterSink(client, topic)
+
+
+async def probe_topic(settings: Settings, topic: str) -> str:
+    """Check that dead-letter ``topic`` exists and, where the server can say, that we may publish to it."""
+    client = await asyncio.to_thread(publisher_client, settings)
+    try:
+        try:
+            await asyncio.to_thread(
+                client.get_topic, request={"topic": topic}, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_SECONDS
+            )
+        except gexc.PermissionDenied:
+            pass  # roles/pubsub.publisher may publish without reading the topic: the permission test says
+        except Exception as exc:
+            raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(settings)) from exc
+        try:
+            answer = await asyncio.to_thread(
+                client.test_iam_permissions,
+                request={"resource": topic, "permissions": ["pubsub.topics.publish"]},
+                timeout=ADMIN_TIMEOUT_SECONDS,
+            )
+        except (gexc.MethodNotImplemented, gexc.NotFound):
+            return f"Pub/Sub topic {topic} exists (this server cannot tell whether we may publish)"
+        if "pubsub.topics.publish" not in answer.permissions:
+            raise ConnectionError(
+                f"CTSYNC_DEAD_LETTER_URL: the credentials may not publish to {topic}; grant "
+                "roles/pubsub.publisher on it"
+            )
+        return f"Pub/Sub topic {topic} exists and we may publish to it"
+    finally:
+        await asyncio.to_thread(_close_client, client)
 
 
 # ------------------------------------------------------------------------------ dead-letter replay source

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from consumer import app
-from consumer.config import ConfigError, Settings, load_settings, unknown_variables
+from consumer.config import Settings, load_settings_with_problems, unknown_variables
 from consumer.ports import Envelope, Source
 from consumer.routing import ScopeMapError
 
@@ -50,18 +50,9 @@ def _raw_values(env_file: Path | None) -> dict[str, str]:
 
 
 def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[str]]:
-    """Load settings, collecting problems instead of exiting; retry without each variable reported bad."""
-    try:
-        return load_settings(environ=values, for_command="check"), []
-    except ConfigError as exc:
-        problems = exc.problems
-    bad = {problem.split(":", 1)[0] for problem in problems}
-    try:
-        return load_settings(
-            environ={k: v for k, v in values.items() if k not in bad}, for_command="check"
-        ), problems
-    except ConfigError:
-        return None, problems
+    """Load settings, collecting problems instead of exiting: built from every valid variable, so a problem
+    across variables (a hook URL without its key) does not keep the other checks from running."""
+    return load_settings_with_problems(environ=values, for_command="check")
 
 
 @main.command()
@@ -108,12 +99,7 @@ def _destination(
         kind = "confluent" if pubsub_topic is None and source == "kafka" else "pubsub"
     if kind == "pubsub":
         if pubsub_topic is None:
-            _config_failure(
-                [
-                    "--pubsub-topic: required for a Pub/Sub destination: projects/<project>/topics/<topic>, "
-                    "the topic PUBSUB_SUBSCRIPTION is attached to (or use --destination confluent)"
-                ]
-            )
+            pubsub_topic = _topic_of_subscription(settings)
         return pubsub_destination(pubsub_topic)
     problems = []
     servers, topics = settings.kafka_bootstrap_server_list, settings.kafka_topic_list
@@ -136,6 +122,30 @@ def _destination(
         settings.kafka_sasl_password.get_secret_value(),
         kafka_key,
     )
+
+
+def _topic_of_subscription(settings: Settings) -> str:
+    """Read the topic PUBSUB_SUBSCRIPTION is attached to from Pub/Sub; exit 2 asking for --pubsub-topic
+    when there is no subscription to read or Pub/Sub does not answer."""
+    needed = (
+        "--pubsub-topic: required for a Pub/Sub destination when the topic cannot be read from "
+        "PUBSUB_SUBSCRIPTION: projects/<project>/topics/<topic>, the topic PUBSUB_SUBSCRIPTION is "
+        "attached to (or use --destination confluent)"
+    )
+    if settings.pubsub_subscription is None:
+        _config_failure([needed])
+    from adapters import pubsub
+
+    async def read() -> str:
+        async with asyncio.timeout(30):
+            return await pubsub.subscription_topic(settings)
+
+    try:
+        topic = asyncio.run(read())
+    except (TimeoutError, ConnectionError, LookupError, OSError) as exc:
+        _config_failure([needed, str(exc) or "PUBSUB_SUBSCRIPTION: Pub/Sub did not answer within 30s"])
+    click.echo(f"Pub/Sub topic {topic} (the topic of {settings.pubsub_subscription})", err=True)
+    return topic
 
 
 @subscription.command("ensure")

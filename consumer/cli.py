@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from consumer import app, audit
-from consumer.config import ConfigError, Settings, load_settings, unknown_variables
+from consumer.config import ConfigError, Settings, did_you_mean, load_settings, unknown_variables
 from consumer.pipeline import Pipeline, SinkUnusable
 from consumer.ports import Envelope, Fetched, Source
 from consumer.routing import ScopeMapError
@@ -46,18 +46,27 @@ def _settings(env_file: Path | None, command: str, *, log_to_stderr: bool = Fals
     """
     if env_file is not None and not env_file.is_file():
         _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
+    unknown = {name: did_you_mean(name) for name in unknown_variables(os.environ, env_file)}
     try:
         settings = load_settings(env_file, for_command=command)
     except ConfigError as exc:
-        _config_failure(exc.problems)
+        # A misspelt variable is often why a required one is missing: name it with the problems.
+        hints = [
+            f"{name}: not a ctsync setting; did you mean {meant}?" for name, meant in unknown.items() if meant
+        ]
+        _config_failure(exc.problems + hints)
     audit.configure(
         level=settings.ctsync_log_level,
         log_format=settings.ctsync_log_format,
         secrets=settings.secret_values(),
         stream=sys.stderr.buffer if log_to_stderr else None,
     )
-    for name in unknown_variables(os.environ):
-        audit.get_logger().warning(audit.CONFIG_WARNING, variable=name, reason="not a ctsync setting (typo?)")
+    for name, meant in unknown.items():
+        reason = "not a ctsync setting" + (f"; did you mean {meant}?" if meant else " (typo?)")
+        where = "environment" if name in os.environ else f"--env-file {env_file}"
+        audit.get_logger().warning(
+            audit.CONFIG_WARNING, variable=name, reason=reason, did_you_mean=meant, where=where
+        )
     return settings
 
 

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
+from difflib import SequenceMatcher, get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, NamedTuple, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
@@ -943,6 +943,25 @@ def load_settings(
     Values come from ``env_file`` (if given) and then the environment, which wins: ``environ`` when given,
     replacing ``os.environ`` entirely, else ``os.environ``.
     """
+    settings, problems = load_settings_with_problems(env_file, environ, for_command=for_command)
+    if problems:
+        raise ConfigError(problems)
+    assert settings is not None, "a failed build always leaves a problem"
+    return settings
+
+
+def load_settings_with_problems(
+    env_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    for_command: str = "run",
+) -> tuple[Settings | None, list[str]]:
+    """Load the settings as far as they are valid, and list every problem (``load_settings``' lines).
+
+    The settings are built without the variables that are invalid on their own; problems across variables
+    (a hook URL without its key) leave them built, so ``ctsync check`` can still run every other check.
+    None only when not even that could be built.
+    """
     values: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
     if env_file is not None:
@@ -975,15 +994,18 @@ def load_settings(
     for variables, line in settings._problems(for_command) if settings is not None else ():
         if invalid.isdisjoint(variables):
             problems.append((variables[0], line))
-    if problems:
-        problems.sort(key=lambda item: _order(item[0]))
-        raise ConfigError([_scrub(line, secrets) for _, line in problems])
-    assert settings is not None, "a failed build always leaves a problem"
-    return settings
+    problems.sort(key=lambda item: _order(item[0]))
+    return settings, [_scrub(line, secrets) for _, line in problems]
 
 
 def _order(variable: str) -> int:
     return SETTING_VARIABLES.index(variable) if variable in SETTING_VARIABLES else -1
+
+
+def did_you_mean(name: str) -> str | None:
+    """Return the setting an unknown variable most likely meant (IPAAS_HOOKURL -> IPAAS_HOOK_URL), if any."""
+    matches = get_close_matches(name.upper(), SETTING_VARIABLES, n=1, cutoff=0.8)
+    return matches[0] if matches else None
 
 
 def unknown_variables(environ: Mapping[str, str], env_file: str | Path | None = None) -> list[str]:
