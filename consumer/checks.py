@@ -533,7 +533,8 @@ async def _hook_check(settings: Settings) -> CheckResult:
     if settings.ipaas_hook_url is None:
         return fail(
             "hook",
-            "IPAAS_HOOK_URL is not set: ctsync only logs what it would send (dry-run)",
+            "IPAAS_HOOK_URL is not set: ctsync run refuses to start without it (a dry run, which sends "
+            "nothing, is only ever explicit: run --dry-run or CTSYNC_DRY_RUN=true)",
             "set IPAAS_HOOK_URL and IPAAS_WEBHOOK_API_KEY from the iPaaS.com subscription",
         )
     if settings.ipaas_webhook_api_key is None:
