@@ -242,6 +242,14 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
 
 STATE_PROBE_KEY = "ctsync:readiness-probe"
 STATE_PROBE_TIMEOUT_SECONDS = 5.0
+STATE_UNCHECKED = "state store: not checked yet"
+
+
+def mark_state_unchecked(built: App) -> None:
+    """Report not-ready until ``state_probed`` found the state store answering; call it before /readyz
+    can be asked, so not even its first answer is a guess."""
+    if built.state is not None:
+        built.pipeline.health.state_problem = built.pipeline.health.state_problem or STATE_UNCHECKED
 
 
 @asynccontextmanager
@@ -253,8 +261,7 @@ async def state_probed(built: App, *, enabled: bool = True, retry_cap: float = 1
     if store is None or not enabled:
         yield
         return
-    unchecked = "state store: not checked yet"
-    health.state_problem = health.state_problem or unchecked
+    mark_state_unchecked(built)
 
     async def probe() -> None:
         attempt = 0

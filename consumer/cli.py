@@ -214,6 +214,7 @@ async def _serve_counted(
     if command == "run" and not finite:
         from adapters.endpoints import open_endpoints
 
+        app.mark_state_unchecked(built)
         try:
             endpoints = await open_endpoints(settings.http_listen, built.pipeline, source)
         except OSError as exc:
