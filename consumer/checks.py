@@ -458,6 +458,14 @@ async def _state_check(settings: Settings) -> CheckResult:
         assert state.path is not None
         folder = state.path.parent
         if state.path.exists() and os.access(state.path, os.W_OK):
+            from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
+
+            sqlite = SqliteStateStore(state.path)
+            try:
+                await sqlite.open()
+            except UnusableStateFile as exc:
+                return fail(name, f"sqlite: {exc}", "move the file away or fix CTSYNC_STATE_URL", config=True)
+            await sqlite.close()
             return ok(name, f"sqlite: {state.path} is writable")
         if not state.path.exists() and folder.is_dir() and os.access(folder, os.W_OK):
             return ok(name, f"sqlite: {state.path} will be created")

@@ -61,6 +61,12 @@ def test_a_garbage_sqlite_state_file_is_a_configuration_error(
     assert "Traceback" not in done.stderr
     assert "CTSYNC_STATE_URL:" in done.stderr and "not a usable SQLite state file" in done.stderr
     assert hook_server.notifications == []
+    checked = subprocess.run(
+        [*CTSYNC, "check", "--json"], env=environ, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    [state] = [c for c in orjson.loads(checked.stdout)["checks"] if c["name"] == "state"]
+    assert state["status"] == "FAIL" and "not a usable SQLite state file" in state["detail"]
+    assert checked.returncode == 2
 
 
 async def test_sigterm_after_the_broker_died_stops_cleanly(
