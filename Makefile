@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The embedded default: the sample payloads through the whole pipeline, SQLite state, dry-run sink.
+# The embedded default: the sample payloads through the whole pipeline, SQLite state, and an explicit dry
+# run (a dry run is never implied by a missing IPAAS_HOOK_URL: that is a configuration error).
 # The state file is fresh each time so every run shows the whole story; run it twice without the
 # `rm` to see dedupe at work.
 run: install
@@ -25,7 +26,7 @@ run: install
 	CTSYNC_STATE_URL=sqlite:///.ctsync/run-state.db \
 	CTSYNC_DEAD_LETTER_URL=file:.ctsync/dead-letters.jsonl \
 	IPAAS_IGNORE_CLIENT_IDS=ipaas-sync-client \
-	$(BIN)/ctsync run
+	$(BIN)/ctsync run --dry-run
 
 lint: install
 	$(BIN)/ruff check consumer adapters tests bench

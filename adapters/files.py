@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import IO, Any
 
 import orjson
 
+from consumer import audit
 from consumer.ports import DeadLetter, Envelope, Fetched
 
 DEAD_LETTER_TYPE = "ctsync.dead_letter"
@@ -45,8 +47,16 @@ def dead_letter_record(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
+class MalformedDeadLetter(ValueError):
+    """A line that starts as a dead-letter record but is not a whole one (a write cut short, an edit)."""
+
+
 def original_payload(line: bytes) -> tuple[bytes, dict[str, Any] | None]:
-    """Return the payload a line carries: itself, or the original inside a dead-letter record."""
+    """Return the payload a line carries: itself, or the original inside a dead-letter record.
+
+    Raise MalformedDeadLetter for a broken dead-letter record: taking it as a raw payload would lose its
+    reason, time and position.
+    """
     if not line.startswith(_DEAD_LETTER_PREFIX):
         return line, None
     try:
@@ -55,15 +65,21 @@ def original_payload(line: bytes) -> tuple[bytes, dict[str, Any] | None]:
         if record.get("payload_encoding") == "base64":
             return base64.b64decode(payload, validate=True), record
         return str(payload).encode("utf-8"), record
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return line, None
+    except orjson.JSONDecodeError:
+        raise MalformedDeadLetter("not a whole dead-letter record (a write cut short?)") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedDeadLetter(f"a dead-letter record without a readable payload ({exc!r})") from None
 
 
 class JsonlFileSource:
     """Read payloads from a JSONL file, one envelope per non-blank line; the position is ``path:line``.
 
     Acks and nacks are no-ops: a file has no broker to tell, and re-reading it is safe because delivered
-    keys are remembered. With ``follow``, lines appended later are read too (like ``tail -f``). With
+    keys are remembered. A broken dead-letter record is not passed on: it is logged with its line number
+    and kept in ``malformed`` (``(line, reason)``), so a replay can report it.
+
+    With ``follow``, lines appended later are read too, and a file truncated or replaced (rotated) is read
+    again from its start (like ``tail -F``), with a ``file.truncated`` / ``file.rotated`` event. With
     ``snapshot``, reading stops at the size the file had when opened: a dead-letter replay may append to the
     very file it reads, and must not read its own output for ever.
     """
@@ -84,6 +100,8 @@ class JsonlFileSource:
         self._line = 0
         self._partial = b""
         self._eof = False
+        self.malformed: list[tuple[int, str]] = []
+        self.log = audit.get_logger("ctsync.files").bind()
 
     def open(self) -> None:
         """Open the file now, so a missing file is reported at start."""
@@ -91,6 +109,39 @@ class JsonlFileSource:
             self._file = self.path.open("rb")
             if self.snapshot:
                 self._end = os.fstat(self._file.fileno()).st_size
+
+    def _reopen_if_replaced(self) -> bool:
+        """At the end of a followed file, notice that it was truncated or replaced (rotated) and go on from
+        the start of what is there now, like ``tail -F``; return whether it did."""
+        assert self._file is not None
+        read_to = self._file.tell()
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # moved away, and the new file is not there yet
+        current = os.fstat(self._file.fileno())
+        if (named.st_dev, named.st_ino) != (current.st_dev, current.st_ino):
+            if current.st_size > read_to:
+                return False  # lines written to the old file before it was moved: read them first
+            self._file.close()
+            self._file = self.path.open("rb")
+            event = "file.rotated"
+        elif current.st_size < read_to:
+            self._file.seek(0)
+            event = "file.truncated"
+        else:
+            return False
+        self.log.warning(
+            event,
+            file=str(self.path),
+            lines_read=self._line,
+            read_bytes=read_to,
+            size_now=named.st_size,
+            fragment_dropped=len(self._partial),
+        )
+        self._line = 0
+        self._partial = b""
+        return True
 
     def _read(self, max_count: int) -> list[Envelope]:
         self.open()
@@ -103,6 +154,8 @@ class JsonlFileSource:
                 left = self._end - self._file.tell()
                 raw = self._file.readline(left) if left > 0 else b""
             if not raw:
+                if self.follow and self._reopen_if_replaced():
+                    continue
                 self._eof = True
                 break
             if not raw.endswith(b"\n") and self.follow:
@@ -116,7 +169,12 @@ class JsonlFileSource:
             line = raw.strip()
             if not line:
                 continue
-            body, record = original_payload(line)
+            try:
+                body, record = original_payload(line)
+            except MalformedDeadLetter as exc:
+                self.malformed.append((self._line, str(exc)))
+                self.log.error("dead_letter.malformed", file=str(self.path), line=self._line, reason=str(exc))
+                continue
             fields: dict[str, object] = {"file": str(self.path), "line": self._line}
             if record is not None:
                 fields["dead_letter_reason"] = record.get("reason")
@@ -144,17 +202,36 @@ class JsonlFileSource:
 
 
 class FileDeadLetterSink:
-    """Append dead-letter records to a JSONL file; each write is flushed and fsynced before it returns."""
+    """Append dead-letter records to a JSONL file; each write is fsynced before it returns.
+
+    A write that fails (disk full, quota) is cut back to where it started, so the file never keeps a
+    fragment that the retry would then continue on the same line. A fragment left by a process killed
+    mid-write is closed with a newline first, so it stays a line of its own that a replay reports.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def _append(self, lines: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
-            file.write(lines)
-            file.flush()
-            os.fsync(file.fileno())
+        # A bare descriptor: no buffer is left for a close to write after the file was cut back.
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                lines = b"\n" + lines
+            try:
+                view = memoryview(lines)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                    os.fsync(fd)
+                raise
+        finally:
+            os.close(fd)
 
     async def write(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:

@@ -395,6 +395,23 @@ async def probe(settings: Settings) -> str:
         await consumer.stop()
 
 
+async def probe_topic(settings: Settings, topic: str) -> str:
+    """Check that the brokers answer and ``topic`` exists (``ctsync check`` of a dead-letter topic)."""
+    consumer = AIOKafkaConsumer(**client_options(settings))
+    try:
+        await consumer.start()
+    except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        raise _unreachable(settings, exc) from None
+    try:
+        if topic not in await consumer.topics():
+            raise LookupError(f"no such topic on {_servers(settings)}: {topic}")
+        return f"Kafka topic {topic} exists ({len(consumer.partitions_for_topic(topic) or ())} partitions)"
+    finally:
+        await consumer.stop()
+
+
 class KafkaDeadLetterSink:
     """Dead letters to a topic: the original value and key, with headers for the reason and the origin."""
 

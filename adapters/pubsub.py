@@ -19,6 +19,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import google.cloud.pubsub_v1 as pubsub_v1
@@ -378,6 +379,28 @@ async def probe(settings: Settings) -> str:
     return f"subscription {name} at {_endpoint(settings)}: " + ", ".join(parts)
 
 
+async def subscription_topic(settings: Settings) -> str:
+    """Return the topic PUBSUB_SUBSCRIPTION is attached to (for ``subscription ensure``).
+
+    Raises LookupError when the subscription does not exist, ConnectionError when Pub/Sub cannot be
+    reached or refuses.
+    """
+    name = settings.pubsub_subscription
+    if name is None:
+        raise LookupError("PUBSUB_SUBSCRIPTION: not set (projects/<project>/subscriptions/<subscription>)")
+    client = await asyncio.to_thread(subscriber_client, settings)
+    try:
+        subscription = await _get_subscription(client, name)
+    except Exception as exc:
+        raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(settings)) from exc
+    finally:
+        await asyncio.to_thread(_close_client, client)
+    topic: str = subscription.topic
+    if not topic or topic == "_deleted-topic_":
+        raise LookupError(f"PUBSUB_SUBSCRIPTION: {name} is attached to no topic (it was deleted)")
+    return topic
+
+
 # ------------------------------------------------------------------------------------------ dead letters
 
 
@@ -469,14 +492,47 @@ async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSin
     return PubSubDeadLetterSink(client, topic)
 
 
+async def probe_topic(settings: Settings, topic: str) -> str:
+    """Check that dead-letter ``topic`` exists and, where the server can say, that we may publish to it."""
+    client = await asyncio.to_thread(publisher_client, settings)
+    try:
+        try:
+            await asyncio.to_thread(
+                client.get_topic, request={"topic": topic}, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_SECONDS
+            )
+        except gexc.PermissionDenied:
+            pass  # roles/pubsub.publisher may publish without reading the topic: the permission test says
+        except Exception as exc:
+            raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(settings)) from exc
+        try:
+            answer = await asyncio.to_thread(
+                client.test_iam_permissions,
+                request={"resource": topic, "permissions": ["pubsub.topics.publish"]},
+                timeout=ADMIN_TIMEOUT_SECONDS,
+            )
+        except (gexc.MethodNotImplemented, gexc.NotFound):
+            return f"Pub/Sub topic {topic} exists (this server cannot tell whether we may publish)"
+        if "pubsub.topics.publish" not in answer.permissions:
+            raise ConnectionError(
+                f"CTSYNC_DEAD_LETTER_URL: the credentials may not publish to {topic}; grant "
+                "roles/pubsub.publisher on it"
+            )
+        return f"Pub/Sub topic {topic} exists and we may publish to it"
+    finally:
+        await asyncio.to_thread(_close_client, client)
+
+
 # ------------------------------------------------------------------------------ dead-letter replay source
 
 
 class DeadLetterPullSource:
     """A finite source over what waits on a subscription of the dead-letter topic.
 
-    Synchronous pulls; acks and nacks are recorded by the envelopes and sent by a flusher task, which also
-    extends the leases of what the pipeline still holds. Exhausted once pulls stay empty for ``idle_seconds``.
+    Synchronous pulls; acks are recorded by the envelopes and sent by a flusher task, which also extends
+    the leases of every message still held. A replay is bounded by a snapshot: a message published at or
+    after ``snapshot`` (letters written while the replay runs) is not read, and a nacked one (filtered out,
+    or handed back) is held rather than redelivered at once; both are handed back when the source closes,
+    so nothing is read twice and pulls run dry. Exhausted once pulls yield nothing for ``idle_seconds``.
     """
 
     name = "pubsub"
@@ -489,9 +545,13 @@ class DeadLetterPullSource:
         idle_seconds: float = 3.0,
         batch: int = 500,
         lease_seconds: int = 60,
+        snapshot: datetime | None = None,
     ) -> None:
         self.client = client
         self.subscription = subscription
+        self.snapshot = snapshot
+        # The topic the subscription is attached to, when its metadata could be read.
+        self.topic: str | None = None
         self.idle_seconds = idle_seconds
         self.batch = batch
         self.lease_seconds = lease_seconds
@@ -503,10 +563,19 @@ class DeadLetterPullSource:
 
     def _settle(self, ack_id: str, ok: bool) -> Callable[[], None]:
         def settle() -> None:
-            if self._held.pop(ack_id, None) is not None:
-                (self._acks if ok else self._nacks).append(ack_id)
+            # A nack keeps the lease until close: redelivered now, it would be read again and again.
+            if ok and self._held.pop(ack_id, None) is not None:
+                self._acks.append(ack_id)
 
         return settle
+
+    def _after_snapshot(self, message: Any) -> bool:
+        published = getattr(message, "publish_time", None)
+        if self.snapshot is None or not isinstance(published, datetime):
+            return False
+        if published.tzinfo is None:
+            published = published.replace(tzinfo=UTC)
+        return published >= self.snapshot
 
     async def fetch(self, max_count: int) -> Fetched:
         if self._flusher is None:
@@ -527,6 +596,8 @@ class DeadLetterPullSource:
             message = received.message
             attributes: Mapping[str, str] = message.attributes
             self._held[received.ack_id] = now
+            if self._after_snapshot(message):
+                continue
             envelopes.append(
                 Envelope(
                     body=message.data,
@@ -546,6 +617,8 @@ class DeadLetterPullSource:
             return Fetched(envelopes, more_ready=True)
         if now - self._last_seen >= self.idle_seconds:
             return Fetched((), exhausted=True)
+        if response.received_messages:
+            return Fetched((), more_ready=True)
         await asyncio.sleep(0.5)
         return Fetched(())
 
@@ -597,15 +670,21 @@ class DeadLetterPullSource:
             await asyncio.to_thread(_close_client, self.client)
 
 
-async def open_dead_letter_source(settings: Settings, name: str) -> Source:
+async def open_dead_letter_source(
+    settings: Settings, name: str, snapshot: datetime | None = None
+) -> DeadLetterPullSource:
     """Open a finite source over the dead letters waiting on subscription ``name`` (for
-    ``ctsync dead-letters replay``); each envelope's body is the original payload."""
+    ``ctsync dead-letters replay``), up to those published before ``snapshot``; each envelope's body is
+    the original payload."""
     client = await asyncio.to_thread(subscriber_client, settings)
+    topic: str | None = None
     try:
-        await _get_subscription(client, name)
+        topic = (await _get_subscription(client, name)).topic or None
     except gexc.PermissionDenied:
         pass
     except Exception as exc:
         await asyncio.to_thread(_close_client, client)
         raise _explain(exc, "dead-letter subscription", f"subscription {name}", _endpoint(settings)) from exc
-    return DeadLetterPullSource(client, name)
+    source = DeadLetterPullSource(client, name, snapshot=snapshot)
+    source.topic = topic
+    return source

@@ -7,6 +7,7 @@ when another process holds the database locked (``adapters._sqlite.SqliteConnect
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -39,6 +40,10 @@ CREATE INDEX IF NOT EXISTS watermarks_expires ON watermarks (expires);
 """
 
 
+class UnusableStateFile(ValueError):
+    """The state file exists but is not a SQLite database (or is one this store cannot read)."""
+
+
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
@@ -57,8 +62,21 @@ class SqliteStateStore:
         return await self._sqlite.run(fn)
 
     async def open(self) -> None:
-        """Create the file and schema now, so a bad path fails at start."""
-        await self._sqlite.open()
+        """Create the file and schema now, so a bad path fails at start.
+
+        Raise UnusableStateFile when the file is there but is not a SQLite database this store can use.
+        """
+        try:
+            await self._sqlite.open()
+        except sqlite3.DatabaseError as exc:
+            await self._sqlite.close()
+            raise UnusableStateFile(
+                f"{self.path} is not a usable SQLite state file ({exc}); move it away, or point "
+                "CTSYNC_STATE_URL at another file"
+            ) from None
+        except BaseException:
+            await self._sqlite.close()
+            raise
 
     async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
         keys, resources = list(message_keys), list(resource_keys)
@@ -180,7 +198,11 @@ class SqliteStateStore:
                     db.execute("DELETE FROM attempts WHERE expires <= ?", (now,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): a second ROLLBACK would
+                # fail with "cannot rollback" and hide the error that matters.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
 
         await self._run(write)

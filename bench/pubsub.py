@@ -237,7 +237,7 @@ def pubsub_env(host: str, subscription: str) -> dict[str, str]:
 
 
 def bare_subscriber(host: str, subscription: str, count: int) -> float:
-    settings = load_settings(environ=pubsub_env(host, subscription))
+    settings = load_settings(environ=pubsub_env(host, subscription), for_command="check")
     client = pubsub.subscriber_client(settings)
     completion = Completion(count, flow_control=False)
 
@@ -257,7 +257,7 @@ def bare_subscriber(host: str, subscription: str, count: int) -> float:
 
 
 async def ctsync_subscriber(host: str, subscription: str, count: int) -> float:
-    settings = load_settings(environ=pubsub_env(host, subscription))
+    settings = load_settings(environ=pubsub_env(host, subscription), for_command="check")
     started = time.perf_counter()
     source = await pubsub.open_source(settings)
     pipeline = build_pipeline(source)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from consumer import app
-from consumer.config import ConfigError, Settings, load_settings, unknown_variables
+from consumer.config import Settings, load_settings_with_problems, unknown_variables
 from consumer.ports import Envelope, Source
 from consumer.routing import ScopeMapError
 
@@ -27,7 +27,7 @@ from consumer.cli import (
     _configure_stderr_audit,
     _FilteringSource,
     _Progress,
-    _serve,
+    _serve_counted,
     _settings,
     _usage_failure,
     main,
@@ -50,18 +50,9 @@ def _raw_values(env_file: Path | None) -> dict[str, str]:
 
 
 def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[str]]:
-    """Load settings, collecting problems instead of exiting; retry without each variable reported bad."""
-    try:
-        return load_settings(environ=values, for_command="check"), []
-    except ConfigError as exc:
-        problems = exc.problems
-    bad = {problem.split(":", 1)[0] for problem in problems}
-    try:
-        return load_settings(
-            environ={k: v for k, v in values.items() if k not in bad}, for_command="check"
-        ), problems
-    except ConfigError:
-        return None, problems
+    """Load settings, collecting problems instead of exiting: built from every valid variable, so a problem
+    across variables (a hook URL without its key) does not keep the other checks from running."""
+    return load_settings_with_problems(environ=values, for_command="check")
 
 
 @main.command()
@@ -108,12 +99,7 @@ def _destination(
         kind = "confluent" if pubsub_topic is None and source == "kafka" else "pubsub"
     if kind == "pubsub":
         if pubsub_topic is None:
-            _config_failure(
-                [
-                    "--pubsub-topic: required for a Pub/Sub destination: projects/<project>/topics/<topic>, "
-                    "the topic PUBSUB_SUBSCRIPTION is attached to (or use --destination confluent)"
-                ]
-            )
+            pubsub_topic = _topic_of_subscription(settings)
         return pubsub_destination(pubsub_topic)
     problems = []
     servers, topics = settings.kafka_bootstrap_server_list, settings.kafka_topic_list
@@ -136,6 +122,30 @@ def _destination(
         settings.kafka_sasl_password.get_secret_value(),
         kafka_key,
     )
+
+
+def _topic_of_subscription(settings: Settings) -> str:
+    """Read the topic PUBSUB_SUBSCRIPTION is attached to from Pub/Sub; exit 2 asking for --pubsub-topic
+    when there is no subscription to read or Pub/Sub does not answer."""
+    needed = (
+        "--pubsub-topic: required for a Pub/Sub destination when the topic cannot be read from "
+        "PUBSUB_SUBSCRIPTION: projects/<project>/topics/<topic>, the topic PUBSUB_SUBSCRIPTION is "
+        "attached to (or use --destination confluent)"
+    )
+    if settings.pubsub_subscription is None:
+        _config_failure([needed])
+    from adapters import pubsub
+
+    async def read() -> str:
+        async with asyncio.timeout(30):
+            return await pubsub.subscription_topic(settings)
+
+    try:
+        topic = asyncio.run(read())
+    except (TimeoutError, ConnectionError, LookupError, OSError) as exc:
+        _config_failure([needed, str(exc) or "PUBSUB_SUBSCRIPTION: Pub/Sub did not answer within 30s"])
+    click.echo(f"Pub/Sub topic {topic} (the topic of {settings.pubsub_subscription})", err=True)
+    return topic
 
 
 @subscription.command("ensure")
@@ -366,6 +376,27 @@ def _dead_letter_location(location: str) -> tuple[str, str]:
     return "file", location
 
 
+FAILED_AGAIN_FILE = "ctsync-dead-letters-failed-again.jsonl"
+DEFAULT_DEAD_LETTER_URL: str = Settings.model_fields["ctsync_dead_letter_url"].default
+
+
+def _failed_again_target(
+    failed_to: str | None, kind: str, name: str, configured: str, configured_is_file: bool
+) -> str:
+    """Return where letters that fail again are written (a CTSYNC_DEAD_LETTER_URL value).
+
+    Never the topic the replay reads: they would be read again, and the replay would not end. A file
+    replay stops at the size the file had when it started, so it may append to the file it reads.
+    """
+    if failed_to is None:
+        if kind == "file" or configured_is_file:
+            return configured
+        return f"file:{FAILED_AGAIN_FILE}"
+    if kind == "kafka" and failed_to == f"kafka://{name}":
+        raise ValueError(f"--failed-to: {failed_to} is the topic this replay reads; give another target")
+    return failed_to
+
+
 @dead_letters.command("replay")
 @ENV_FILE
 @click.option(
@@ -376,28 +407,59 @@ def _dead_letter_location(location: str) -> tuple[str, str]:
 )
 @click.option("--since", help="Only dead letters written from this time: ISO 8601 or an age (15m, 2h, 7d).")
 @click.option("--until", help="Only dead letters written before this time: ISO 8601 or an age.")
+@click.option(
+    "--failed-to",
+    help="Where letters that fail again go (file:<path>, kafka://<topic>, pubsub://projects/<p>/topics/<t>); "
+    f"default: CTSYNC_DEAD_LETTER_URL when it is a file, else file:{FAILED_AGAIN_FILE}. Never the topic "
+    "the replay reads.",
+)
 @click.argument("location")
 def dead_letters_replay(
-    env_file: Path | None, reasons: tuple[str, ...], since: str | None, until: str | None, location: str
+    env_file: Path | None,
+    reasons: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    failed_to: str | None,
+    location: str,
 ) -> None:
-    """Feed dead letters through the pipeline again; what fails again is dead-lettered again.
+    """Feed dead letters through the pipeline again, up to those there when it started; exit 1 when some
+    fail again (they are written to --failed-to) or a line of a dead-letter file is malformed.
 
     LOCATION is a file (what CTSYNC_DEAD_LETTER_URL=file:... wrote), kafka://<topic>, or a Pub/Sub
     subscription projects/<project>/subscriptions/<subscription> on the dead-letter topic.
     """
     from consumer.audit_query import parse_bound
+    from consumer.config import parse_dead_letter_url
 
     try:
         start = parse_bound(since) if since else None
         end = parse_bound(until) if until else None
         kind, name = _dead_letter_location(location)
+        if failed_to is not None:
+            try:
+                parse_dead_letter_url(failed_to)
+            except ValueError as exc:
+                raise ValueError(f"--failed-to: {exc}") from None
     except ValueError as exc:
         _usage_failure(f"{exc}")
     if kind == "file" and not Path(name).is_file():
         _usage_failure(f"{location}: no such file")
+    configured = _raw_values(env_file).get("CTSYNC_DEAD_LETTER_URL", DEFAULT_DEAD_LETTER_URL).strip()
+    try:
+        configured_is_file = parse_dead_letter_url(configured).kind == "file"
+    except ValueError:
+        configured_is_file = True  # reported as a configuration error when the settings load
+    try:
+        target = _failed_again_target(failed_to, kind, name, configured, configured_is_file)
+    except ValueError as exc:
+        _usage_failure(f"{exc}")
+    # Through the environment, so the target is loaded and checked like the setting it stands for.
+    os.environ["CTSYNC_DEAD_LETTER_URL"] = target
     settings = _settings(env_file, "dead-letters replay")
     progress = _Progress("dead letters")
-    keep = _dead_letter_filter(reasons, start, end, datetime.now(UTC))
+    started = datetime.now(UTC)
+    keep = _dead_letter_filter(reasons, start, end, started)
+    opened: list[Source] = []
 
     async def open_source() -> Source:
         inner: Source
@@ -414,12 +476,21 @@ def dead_letters_replay(
             else:
                 from adapters import pubsub
 
-                inner = await pubsub.open_dead_letter_source(settings, name)
+                pulled = await pubsub.open_dead_letter_source(settings, name, snapshot=started)
+                inner = pulled
+                if pulled.topic is not None and target == f"pubsub://{pulled.topic}":
+                    await pulled.close()
+                    _usage_failure(
+                        f"--failed-to: {target} is the topic {name} is attached to; give another target"
+                    )
         except LookupError as exc:
             raise ConnectionError(str(exc)) from None
+        opened.append(inner)
         return _FilteringSource(inner, keep, progress)
 
-    code = asyncio.run(_serve(settings, open_source, command="dead-letters replay", finite=True))
+    code, counts = asyncio.run(
+        _serve_counted(settings, open_source, command="dead-letters replay", finite=True)
+    )
     filters = [f"reason contains {' or '.join(map(repr, reasons))}"] if reasons else []
     filters += [f"since {start.isoformat()}"] if start else []
     filters += [f"until {end.isoformat()}"] if end else []
@@ -427,10 +498,17 @@ def dead_letters_replay(
     if filters:
         line += f" ({'; '.join(filters)}), left alone {progress.read - progress.matched}"
     click.echo(line, err=True)
+    failed_again = int(counts.get("dead_lettered", 0))
+    malformed: list[tuple[int, str]] = list(getattr(opened[0], "malformed", [])) if opened else []
+    if failed_again:
+        click.echo(f"  failed again: {failed_again}, written to {target}", err=True)
+    for number, reason in malformed:
+        click.echo(f"  {name}:{number}: malformed, not replayed: {reason}", err=True)
     if kind == "file":
-        click.echo(
-            f"  {name} is unchanged; dead letters that failed again were appended to "
-            f"{settings.ctsync_dead_letter_url}",
-            err=True,
-        )
+        click.echo(f"  {name} is unchanged", err=True)
+    if code == EXIT_OK and (failed_again or malformed):
+        code = EXIT_FAILURE
+    if counts:
+        verdict = "every letter replayed was delivered" if code == EXIT_OK else "some letters were not"
+        click.echo(f"dead-letters replay ended: {verdict} (exit {code})", err=True)
     sys.exit(code)

@@ -416,6 +416,14 @@ async def _sweep_with(
     left = [t for t in plan.types if t not in complete]
     if left and not plan.dry_run:
         click.echo(f"  not complete: {', '.join(left)}; run the same command again to resume", err=True)
+        for type_id in left:
+            resume_after = source.trackers[type_id].value if type_id in source.trackers else None
+            where = f"after id {resume_after}" if resume_after is not None else "from the start"
+            click.echo(f"  {type_id} resumes {where}", err=True)
+    if left and code == EXIT_OK:
+        # The sweep did not finish (stopped by a signal): not a success, whatever was delivered.
+        click.echo(f"{plan.command}: interrupted before it finished (exit {EXIT_FAILURE})", err=True)
+        code = EXIT_FAILURE
     return code
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 from consumer import audit
 from consumer.config import Settings
 from consumer.dedupe import Deduplicator
+from consumer.dry_run import DryRunSink, HandingBackSource, ReadOnlyStateStore
 from consumer.pipeline import Pipeline, PipelineOptions
 from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleStore
 from consumer.routing import Router, ScopeMap, load_scope_map
@@ -53,6 +54,10 @@ async def _collect_every(interval: float) -> None:
         gc.collect()
 
 
+# Sources whose acks change what the stream delivers next (the names their adapters give them).
+STREAM_SOURCES = frozenset({"kafka", "kafka-dead-letters", "pubsub", "push"})
+
+
 class UnsupportedSetting(ValueError):
     """A valid setting this build cannot serve yet; the message names the variable."""
 
@@ -78,11 +83,14 @@ async def state_store(settings: Settings) -> StateStore:
 
         return MemoryStateStore()
     if state.kind == "sqlite":
-        from adapters.state_sqlite import SqliteStateStore
+        from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
 
         assert state.path is not None
         store = SqliteStateStore(state.path)
-        await store.open()
+        try:
+            await store.open()
+        except UnusableStateFile as exc:
+            raise UnsupportedSetting(f"CTSYNC_STATE_URL: {exc}") from None
         return store
     if state.kind == "redis":
         from adapters.state_redis import open_state_store
@@ -123,9 +131,7 @@ async def dead_letter_sink(settings: Settings) -> DeadLetterSink:
 
 
 def sink(settings: Settings) -> Sink:
-    if settings.ipaas_hook_url is None:
-        from adapters.ipaas import DryRunSink
-
+    if settings.ctsync_dry_run or settings.ipaas_hook_url is None:
         log = audit.get_logger("ctsync.dry_run")
         return DryRunSink(lambda **fields: log.info("dry_run.would_send", **fields))
     from adapters.ipaas import HttpHookSink
@@ -169,10 +175,21 @@ async def configured_source(settings: Settings, *, follow: bool = False) -> Sour
     raise UnsupportedSetting(f"CTSYNC_SOURCE: the {spec.kind} source is not supported by this build yet")
 
 
+async def closing_within(close: Callable[[], Awaitable[None]], seconds: float, what: str) -> None:
+    """Run ``close``, giving up after ``seconds``: a stop must end even when the far side is gone. What was
+    not committed then is redelivered, never lost."""
+    try:
+        async with asyncio.timeout(seconds):
+            await close()
+    except TimeoutError:
+        audit.get_logger().warning("service.close_timeout", resource=what, timeout_s=seconds)
+
+
 @dataclass
 class App:
     pipeline: Pipeline
     resources: AsyncExitStack
+    state: StateStore | None = None
 
     async def aclose(self) -> None:
         await self.resources.aclose()
@@ -181,12 +198,22 @@ class App:
 async def build(settings: Settings, source: Source, *, finite: bool) -> App:
     """Build the pipeline for ``source``; ``finite`` runs (replay) give up on a hook that refuses the key."""
     resources = AsyncExitStack()
+    # A dry run on a stream (broker or push) must leave it as it found it: nothing acked, nothing recorded.
+    # A file has nothing to ack, and recording keeps `make run` twice showing dedupe at work.
+    hands_back = settings.ctsync_dry_run and source.name in STREAM_SOURCES
+    if hands_back:
+        source = HandingBackSource(source)
     try:
-        resources.push_async_callback(source.close)
+        # Bounded: closing a Kafka source commits and leaves the group, which waits for ever on a dead broker.
+        resources.push_async_callback(
+            closing_within, source.close, settings.ctsync_drain_timeout_seconds, "source"
+        )
         limits = throttle_limits(settings)
         throttle_port = await throttle_store(settings)
         resources.push_async_callback(throttle_port.close)
         store = await state_store(settings)
+        if hands_back:
+            store = ReadOnlyStateStore(store)
         resources.push_async_callback(store.close)
         letters = await dead_letter_sink(settings)
         resources.push_async_callback(letters.close)
@@ -210,7 +237,61 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
     except BaseException:
         await resources.aclose()
         raise
-    return App(pipeline, resources)
+    return App(pipeline, resources, store)
+
+
+STATE_PROBE_KEY = "ctsync:readiness-probe"
+STATE_PROBE_TIMEOUT_SECONDS = 5.0
+STATE_UNCHECKED = "state store: not checked yet"
+
+
+def mark_state_unchecked(built: App) -> None:
+    """Report not-ready until ``state_probed`` found the state store answering; call it before /readyz
+    can be asked, so not even its first answer is a guess."""
+    if built.state is not None:
+        built.pipeline.health.state_problem = built.pipeline.health.state_problem or STATE_UNCHECKED
+
+
+@asynccontextmanager
+async def state_probed(built: App, *, enabled: bool = True, retry_cap: float = 15.0) -> AsyncIterator[None]:
+    """Within the block, readiness is honest from the start: the service reports not-ready (and takes no
+    work) until its state store answered one lookup, rather than until the first message finds it down.
+    """
+    store, health = built.state, built.pipeline.health
+    if store is None or not enabled:
+        yield
+        return
+    mark_state_unchecked(built)
+
+    async def probe() -> None:
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(STATE_PROBE_TIMEOUT_SECONDS):
+                    await store.lookup([STATE_PROBE_KEY], [])
+            except Exception as exc:
+                attempt += 1
+                health.state_problem = f"state store: {type(exc).__name__}: {exc}".rstrip(": ")
+                audit.get_logger().warning(
+                    audit.STATE_RETRYING,
+                    operation="start-up probe",
+                    attempt=attempt,
+                    error=health.state_problem,
+                )
+                await asyncio.sleep(min(retry_cap, 2.0 ** (attempt - 1)))
+                continue
+            if health.state_problem.startswith("state store: "):
+                health.state_problem = ""
+            if attempt:
+                audit.get_logger().info(audit.STATE_RECOVERED, operation="start-up probe", attempts=attempt)
+            return
+
+    task = asyncio.create_task(probe(), name="ctsync-state-probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def summary_lines(counts: dict[str, Any]) -> list[str]:

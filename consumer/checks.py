@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from consumer.audit import redact
-from consumer.config import KNOWN_REGIONS, Settings, commercetools_region, display_url
+from consumer.config import KNOWN_REGIONS, Settings, commercetools_region, did_you_mean, display_url
 
 if TYPE_CHECKING:
     from adapters.commercetools import CommercetoolsClient
@@ -31,6 +31,8 @@ class Status(StrEnum):
     OK = "OK"
     FAIL = "FAIL"
     SKIP = "SKIP"
+    # Passes, with something to know: what only an operator command needs is missing, for instance.
+    NOTE = "NOTE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +50,7 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return self.status is Status.OK
+        return self.status in (Status.OK, Status.NOTE)
 
 
 def ok(name: str, detail: str) -> CheckResult:
@@ -61,6 +63,10 @@ def fail(name: str, detail: str, fix: str, *, config: bool = False) -> CheckResu
 
 def skip(name: str, detail: str) -> CheckResult:
     return CheckResult(name, Status.SKIP, detail)
+
+
+def note(name: str, detail: str, fix: str = "") -> CheckResult:
+    return CheckResult(name, Status.NOTE, detail, fix)
 
 
 # --- settings and URLs ---
@@ -77,7 +83,10 @@ def settings_result(problems: Sequence[str], unknown: Sequence[str] = ()) -> Che
         )
     detail = "every setting is valid"
     if unknown:
-        detail += f" (ignored, not ctsync settings: {', '.join(unknown)})"
+        named = [
+            f"{name} (did you mean {meant}?)" if (meant := did_you_mean(name)) else name for name in unknown
+        ]
+        detail += f" (ignored, not ctsync settings: {', '.join(named)})"
     return ok("settings", detail)
 
 
@@ -200,7 +209,34 @@ def missing_scopes(granted: Collection[str], needs: Sequence[ScopeNeed], project
     return [need for need in needs if permissions.isdisjoint(need.permissions)]
 
 
+# What only operator commands need; the running service never does, so its absence fails no check.
+OPERATOR_NEEDS: Final = (ScopeNeed(("manage_subscriptions",), "ctsync subscription ensure"),)
+
+
+def other_project(granted: Collection[str], project_key: str) -> list[str]:
+    """Return the projects the granted scopes name when none of them is ``project_key`` (else empty): then
+    CTP_PROJECT_KEY, not the scopes, is what is wrong."""
+    projects = {p for scope in granted if (p := _granted_project(scope)) is not None}
+    return [] if not projects or project_key in projects else sorted(projects)
+
+
+def _granted_project(scope: str) -> str | None:
+    parts = scope.split(":")
+    return parts[1] if len(parts) >= 2 and parts[1] else None
+
+
 def scopes_result(granted: Collection[str], needs: Sequence[ScopeNeed], project_key: str) -> CheckResult:
+    """Judge the scopes the running service needs (reading the routed types)."""
+    others = other_project(granted, project_key)
+    if others:
+        return fail(
+            "scopes",
+            f"every granted scope names project {' / '.join(others)}, none names CTP_PROJECT_KEY "
+            f"{project_key!r}",
+            f"set CTP_PROJECT_KEY={others[0]} if that is the project (the API client's .env names it), "
+            f"or use an API client of project {project_key!r}",
+            config=True,
+        )
     missing = missing_scopes(granted, needs, project_key)
     if not missing:
         return ok("scopes", f"granted scopes cover {len(needs)} need(s): " + ", ".join(sorted(granted)))
@@ -210,6 +246,20 @@ def scopes_result(granted: Collection[str], needs: Sequence[ScopeNeed], project_
         "missing " + ", ".join(names),
         f"create an API client with these scopes too ({_API_CLIENTS}; scopes cannot be added to an "
         "existing client), then update CTP_CLIENT_ID, CTP_CLIENT_SECRET and CTP_SCOPES",
+    )
+
+
+def operator_scopes_result(granted: Collection[str], project_key: str) -> CheckResult:
+    """Judge the scopes only operator commands need: reported, never a failure of the service's check."""
+    name = "operator-scopes"
+    missing = missing_scopes(granted, OPERATOR_NEEDS, project_key)
+    if not missing:
+        return ok(name, "granted: " + ", ".join(n.scope(project_key) for n in OPERATOR_NEEDS))
+    names = ", ".join(f"{need.scope(project_key)} ({need.why})" for need in missing)
+    return note(
+        name,
+        f"not granted: {names}; only that command needs it, the service does not",
+        f"run {', '.join(n.why for n in missing)} with an API client that has it (an operator's client)",
     )
 
 
@@ -342,14 +392,72 @@ async def run_checks(
     region = region_result(raw.get("CTP_API_URL"), raw.get("CTP_AUTH_URL"))
     results.append(region)
     if settings is None:
-        for name in ("token", "scopes", "project", "hook", "source", "state"):
+        for name in (
+            "token",
+            "scopes",
+            "operator-scopes",
+            "project",
+            "hook",
+            "source",
+            "state",
+            "dead-letters",
+        ):
             results.append(skip(name, "not run: the settings could not be loaded"))
         return results
     results += await _commercetools_checks(settings, region)
     results.append(await _hook_check(settings))
     results.append(await _source_check(settings))
     results.append(await _state_check(settings))
+    results.append(await _dead_letter_check(settings))
     return results
+
+
+async def _dead_letter_check(settings: Settings) -> CheckResult:
+    """The dead-letter target takes letters: a file that can be appended to, a topic that exists."""
+    name, target = "dead-letters", settings.dead_letter
+    if target.kind == "file":
+        assert target.path is not None
+        if target.path.exists():
+            if target.path.is_file() and os.access(target.path, os.W_OK):
+                return ok(name, f"file {target.path} can be appended to")
+            return fail(
+                name,
+                f"file {target.path} is not a writable file",
+                "check CTSYNC_DEAD_LETTER_URL and permissions",
+            )
+        # The sink creates missing folders: the nearest one that exists must be writable.
+        folder = target.path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+            return ok(name, f"file {target.path} will be created")
+        return fail(
+            name,
+            f"file {target.path} cannot be created in {folder}",
+            "check CTSYNC_DEAD_LETTER_URL and permissions",
+        )
+    assert target.topic is not None
+    try:
+        async with asyncio.timeout(PROBE_SECONDS):
+            if target.kind == "kafka":
+                from adapters import kafka
+
+                description = await kafka.probe_topic(settings, target.topic)
+            else:
+                from adapters import pubsub
+
+                description = await pubsub.probe_topic(settings, target.topic)
+    except TimeoutError:
+        return fail(
+            name, f"{target.kind}: no answer within {PROBE_SECONDS:g}s", "check CTSYNC_DEAD_LETTER_URL"
+        )
+    except (ConnectionError, LookupError, OSError) as exc:
+        return fail(
+            name,
+            f"{target.kind}: {exc}",
+            "create the dead-letter topic, or fix CTSYNC_DEAD_LETTER_URL (and the right to publish to it)",
+        )
+    return ok(name, description)
 
 
 async def _state_check(settings: Settings) -> CheckResult:
@@ -361,6 +469,14 @@ async def _state_check(settings: Settings) -> CheckResult:
         assert state.path is not None
         folder = state.path.parent
         if state.path.exists() and os.access(state.path, os.W_OK):
+            from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
+
+            sqlite = SqliteStateStore(state.path)
+            try:
+                await sqlite.open()
+            except UnusableStateFile as exc:
+                return fail(name, f"sqlite: {exc}", "move the file away or fix CTSYNC_STATE_URL", config=True)
+            await sqlite.close()
             return ok(name, f"sqlite: {state.path} is writable")
         if not state.path.exists() and folder.is_dir() and os.access(folder, os.W_OK):
             return ok(name, f"sqlite: {state.path} will be created")
@@ -386,7 +502,7 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
     ]
     if missing or not region.passed:
         why = f"{', '.join(missing)} not set or not valid" if missing else "fix the region check first"
-        return [skip(name, f"not run: {why}") for name in ("token", "scopes", "project")]
+        return [skip(name, f"not run: {why}") for name in ("token", "scopes", "operator-scopes", "project")]
     from adapters.commercetools import CommercetoolsClient, CommercetoolsError
     from consumer import app
 
@@ -397,7 +513,7 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
             granted = await client.granted_scopes()
         except CommercetoolsError as exc:
             results.append(token_failure(exc.status, exc.codes, exc.message))
-            results += [skip(name, "not run: no token") for name in ("scopes", "project")]
+            results += [skip(name, "not run: no token") for name in ("scopes", "operator-scopes", "project")]
             return results
         results.append(ok("token", f"token exchange with {display_url(str(settings.ctp_auth_url))} works"))
         try:
@@ -407,7 +523,8 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
                 fail("scopes", f"cannot read the scope map: {exc}", "fix IPAAS_SCOPE_MAP", config=True)
             )
         else:
-            results.append(scopes_result(granted, scope_needs(routed), project_key))
+            results.append(scopes_result(granted, scope_needs(routed, subscriptions=False), project_key))
+        results.append(operator_scopes_result(granted, project_key))
         results.append(await _project_check(client, project_key))
     return results
 
@@ -435,7 +552,8 @@ async def _hook_check(settings: Settings) -> CheckResult:
     if settings.ipaas_hook_url is None:
         return fail(
             "hook",
-            "IPAAS_HOOK_URL is not set: ctsync only logs what it would send (dry-run)",
+            "IPAAS_HOOK_URL is not set: ctsync run refuses to start without it (a dry run, which sends "
+            "nothing, is only ever explicit: run --dry-run or CTSYNC_DRY_RUN=true)",
             "set IPAAS_HOOK_URL and IPAAS_WEBHOOK_API_KEY from the iPaaS.com subscription",
         )
     if settings.ipaas_webhook_api_key is None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from consumer import app, audit
-from consumer.config import ConfigError, Settings, load_settings, unknown_variables
+from consumer.config import ConfigError, Settings, did_you_mean, load_settings, unknown_variables
 from consumer.pipeline import Pipeline, SinkUnusable
 from consumer.ports import Envelope, Fetched, Source
 from consumer.routing import ScopeMapError
@@ -46,18 +46,27 @@ def _settings(env_file: Path | None, command: str, *, log_to_stderr: bool = Fals
     """
     if env_file is not None and not env_file.is_file():
         _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
+    unknown = {name: did_you_mean(name) for name in unknown_variables(os.environ, env_file)}
     try:
         settings = load_settings(env_file, for_command=command)
     except ConfigError as exc:
-        _config_failure(exc.problems)
+        # A misspelt variable is often why a required one is missing: name it with the problems.
+        hints = [
+            f"{name}: not a ctsync setting; did you mean {meant}?" for name, meant in unknown.items() if meant
+        ]
+        _config_failure(exc.problems + hints)
     audit.configure(
         level=settings.ctsync_log_level,
         log_format=settings.ctsync_log_format,
         secrets=settings.secret_values(),
         stream=sys.stderr.buffer if log_to_stderr else None,
     )
-    for name in unknown_variables(os.environ):
-        audit.get_logger().warning(audit.CONFIG_WARNING, variable=name, reason="not a ctsync setting (typo?)")
+    for name, meant in unknown.items():
+        reason = "not a ctsync setting" + (f"; did you mean {meant}?" if meant else " (typo?)")
+        where = "environment" if name in os.environ else f"--env-file {env_file}"
+        audit.get_logger().warning(
+            audit.CONFIG_WARNING, variable=name, reason=reason, did_you_mean=meant, where=where
+        )
     return settings
 
 
@@ -70,8 +79,17 @@ def main() -> None:
 @main.command()
 @ENV_FILE
 @click.option("--follow", is_flag=True, help="With a file: source, keep reading lines appended later.")
-def run(env_file: Path | None, follow: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Send nothing: log what would be sent; on a broker or push source ack and record nothing "
+    "(same as CTSYNC_DRY_RUN=true).",
+)
+def run(env_file: Path | None, follow: bool, dry_run: bool) -> None:
     """Run the service: consume, deliver, ack, until SIGTERM/SIGINT; then drain and stop."""
+    if dry_run:
+        # Through the environment, so the setting is loaded, checked and logged like any other.
+        os.environ["CTSYNC_DRY_RUN"] = "true"
     settings = _settings(env_file, "run")
     if settings.source is None:
         _config_failure(["CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)"])
@@ -134,9 +152,21 @@ class SignalStop:
 
     def _on_signal(self, signum: int) -> None:
         self.seen.append(signum)
+        name = signal.Signals(signum).name
+        # On stderr, for the person who pressed Ctrl-C: what happens now, and how to cut it short.
         if len(self.seen) == 1:
             self.stop.set()
+            click.echo(
+                f"ctsync: {name}: stopping; waiting up to {self.pipeline.options.drain_timeout:g}s "
+                "(CTSYNC_DRAIN_TIMEOUT_SECONDS) for in-flight work to land, then handing back the rest. "
+                "Send it again (Ctrl-C) to stop at once.",
+                err=True,
+            )
         else:
+            if len(self.seen) == 2:
+                click.echo(
+                    f"ctsync: {name} again: stopping at once; what has not landed is handed back", err=True
+                )
             self.pipeline.abandon()
 
     @property
@@ -148,6 +178,15 @@ class SignalStop:
 async def _serve(
     settings: Settings, open_source: Callable[[], Awaitable[Source]], *, command: str, finite: bool
 ) -> int:
+    code, _ = await _serve_counted(settings, open_source, command=command, finite=finite)
+    return code
+
+
+async def _serve_counted(
+    settings: Settings, open_source: Callable[[], Awaitable[Source]], *, command: str, finite: bool
+) -> tuple[int, dict[str, Any]]:
+    """Run a pipeline from ``open_source``; return the exit code and the run's counts (empty when it never
+    started)."""
     log = audit.get_logger()
     try:
         source = await open_source()
@@ -158,7 +197,7 @@ async def _serve(
             _config_failure([_describe(exc, "CTSYNC_SOURCE")])
         log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
         click.echo(f"ctsync: cannot open the source: {_describe_runtime(exc)}", err=True)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, {}
     try:
         built = await app.build(settings, source, finite=finite)
     except (app.UnsupportedSetting, ScopeMapError) as exc:
@@ -170,18 +209,19 @@ async def _serve(
         await source.close()
         log.error(audit.SERVICE_STOPPED, command=command, error=_describe_runtime(exc))
         click.echo(f"ctsync: {_describe_runtime(exc)}", err=True)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, {}
     endpoints = None
     if command == "run" and not finite:
         from adapters.endpoints import open_endpoints
 
+        app.mark_state_unchecked(built)
         try:
             endpoints = await open_endpoints(settings.http_listen, built.pipeline, source)
         except OSError as exc:
             await built.aclose()
             log.error(audit.SERVICE_STOPPED, command=command, error=str(exc))
             click.echo(f"ctsync: {exc}", err=True)
-            return EXIT_FAILURE
+            return EXIT_FAILURE, {}
     started = time.monotonic()
     log.info(audit.SERVICE_STARTED, command=command, source=source.name, **settings.summary())
     code = EXIT_OK
@@ -189,7 +229,10 @@ async def _serve(
     signals = SignalStop(built.pipeline)
     try:
         with signals:
-            async with app.garbage_collected_on_a_clock():
+            async with (
+                app.garbage_collected_on_a_clock(),
+                app.state_probed(built, enabled=endpoints is not None),
+            ):
                 await built.pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)
@@ -214,7 +257,7 @@ async def _serve(
     if command == "replay" or finite:
         for line in app.summary_lines(counts_dict):
             click.echo(line, err=True)
-    return code
+    return code, counts_dict
 
 
 def _configure_stderr_audit(settings: Settings | None, secrets: list[str]) -> None:

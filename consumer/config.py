@@ -5,8 +5,9 @@ wins), validates each variable, then checks the settings that only make sense to
 ``ConfigError`` listing every problem, one line each, starting with the variable's name. Problem lines never
 contain a secret, not even when a secret was pasted into the wrong variable.
 
-An empty or blank value counts as unset, so ``IPAAS_HOOK_URL=`` in a compose file means dry-run rather than
-an invalid URL.
+An empty or blank value counts as unset. A dry run is only ever explicit (``CTSYNC_DRY_RUN=true`` or
+``ctsync run --dry-run``): ``run`` with a source and no ``IPAAS_HOOK_URL`` is a configuration error, because a
+misspelt or forgotten hook URL would otherwise consume the stream without sending anything.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
+from difflib import SequenceMatcher, get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, NamedTuple, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
@@ -411,6 +412,8 @@ class Settings(BaseSettings):
 
     ipaas_hook_url: str | None = Field(None, validation_alias="IPAAS_HOOK_URL")
     ipaas_webhook_api_key: SecretStr | None = Field(None, validation_alias="IPAAS_WEBHOOK_API_KEY")
+    # Only ever explicit: a dry run sends nothing and, on a broker or push source, acks and records nothing.
+    ctsync_dry_run: bool = Field(False, validation_alias="CTSYNC_DRY_RUN")
     ipaas_throttle_limit: int = Field(500, ge=1, validation_alias="IPAAS_THROTTLE_LIMIT")
     ipaas_throttle_seconds: float = Field(
         60, gt=0, allow_inf_nan=False, validation_alias="IPAAS_THROTTLE_SECONDS"
@@ -692,6 +695,14 @@ class Settings(BaseSettings):
                 "CTP_PROJECT_KEY",
             )
 
+        # Without a hook these would take what they read as sent and settle it for good.
+        consumes = (words[:1] == ["run"] and self.ctsync_source is not None) or words[:1] == ["dead-letters"]
+        if consumes and self.ipaas_hook_url is None and not self.ctsync_dry_run:
+            problem(
+                f"IPAAS_HOOK_URL: required for {command} (the iPaaS.com subscription's hook URL); for a dry "
+                "run, which sends, acks and records nothing, set CTSYNC_DRY_RUN=true (run: --dry-run)",
+                "IPAAS_HOOK_URL",
+            )
         if self.ipaas_hook_url is not None and self.ipaas_webhook_api_key is None:
             problem(
                 "IPAAS_WEBHOOK_API_KEY: required when IPAAS_HOOK_URL is set (the hook's Bearer token, "
@@ -816,7 +827,7 @@ class Settings(BaseSettings):
                 summary[name] = value
         summary["ipaas_hook_url"] = None if self.ipaas_hook_url is None else display_url(self.ipaas_hook_url)
         summary["ctsync_state_url"] = display_url(self.ctsync_state_url)
-        summary["dry_run"] = self.ipaas_hook_url is None
+        summary["dry_run"] = self.ctsync_dry_run or self.ipaas_hook_url is None
         return summary
 
 
@@ -971,6 +982,25 @@ def load_settings(
     Values come from ``env_file`` (if given) and then the environment, which wins: ``environ`` when given,
     replacing ``os.environ`` entirely, else ``os.environ``.
     """
+    settings, problems = load_settings_with_problems(env_file, environ, for_command=for_command)
+    if problems:
+        raise ConfigError(problems)
+    assert settings is not None, "a failed build always leaves a problem"
+    return settings
+
+
+def load_settings_with_problems(
+    env_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    for_command: str = "run",
+) -> tuple[Settings | None, list[str]]:
+    """Load the settings as far as they are valid, and list every problem (``load_settings``' lines).
+
+    The settings are built without the variables that are invalid on their own; problems across variables
+    (a hook URL without its key) leave them built, so ``ctsync check`` can still run every other check.
+    None only when not even that could be built.
+    """
     values: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
     if env_file is not None:
@@ -1003,15 +1033,18 @@ def load_settings(
     for variables, line in settings._problems(for_command) if settings is not None else ():
         if invalid.isdisjoint(variables):
             problems.append((variables[0], line))
-    if problems:
-        problems.sort(key=lambda item: _order(item[0]))
-        raise ConfigError([_scrub(line, secrets) for _, line in problems])
-    assert settings is not None, "a failed build always leaves a problem"
-    return settings
+    problems.sort(key=lambda item: _order(item[0]))
+    return settings, [_scrub(line, secrets) for _, line in problems]
 
 
 def _order(variable: str) -> int:
     return SETTING_VARIABLES.index(variable) if variable in SETTING_VARIABLES else -1
+
+
+def did_you_mean(name: str) -> str | None:
+    """Return the setting an unknown variable most likely meant (IPAAS_HOOKURL -> IPAAS_HOOK_URL), if any."""
+    matches = get_close_matches(name.upper(), SETTING_VARIABLES, n=1, cutoff=0.8)
+    return matches[0] if matches else None
 
 
 def unknown_variables(environ: Mapping[str, str], env_file: str | Path | None = None) -> list[str]:

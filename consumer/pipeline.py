@@ -595,6 +595,7 @@ class Pipeline:
         self.batch_latency.observe(response.duration_ms / 1000)
         self.counts.requests += 1
         status_label = str(response.status) if response.status is not None else "error"
+        status_label = "dry run" if response.dry_run else status_label
         self.counts.requests_by_status[status_label] = self.counts.requests_by_status.get(status_label, 0) + 1
         if self._info:
             self._info_line(
@@ -602,7 +603,7 @@ class Pipeline:
                 {
                     "correlation_id": correlation_id,
                     "size": len(entries),
-                    "status": response.status,
+                    "status": "dry run" if response.dry_run else response.status,
                     "attempt": attempt,
                     "duration_ms": round(response.duration_ms, 1),
                     "message_keys": [key for entry in entries for key in entry.message_keys],

@@ -74,6 +74,8 @@ class HookResponse:
     duration_ms: float = 0.0
     retry_after: float | None = None
     detail: str = ""
+    # A dry run's answer: nothing was sent, so the log says "dry run" rather than the 200 it stands for.
+    dry_run: bool = False
 
 
 class Sink(Protocol):

@@ -430,7 +430,9 @@ def test_each_problem_is_one_line_naming_its_variable(
 def test_source_is_required_for_run_only() -> None:
     assert problems_of({}, "run") == ["CTSYNC_SOURCE: required for run (kafka, pubsub, push or file:<path>)"]
     assert load("replay").source is None
-    assert load("run", CTSYNC_SOURCE="push", PUSH_ALLOW_UNAUTHENTICATED="true").source == SourceSpec("push")
+    assert load(
+        "run", CTSYNC_SOURCE="push", PUSH_ALLOW_UNAUTHENTICATED="true", CTSYNC_DRY_RUN="true"
+    ).source == SourceSpec("push")
 
 
 def test_subscription_needs_commercetools_settings() -> None:
@@ -617,7 +619,7 @@ def test_unknown_variables_catch_typos(tmp_path: Path) -> None:
 
 def test_every_setting_is_known() -> None:
     assert unknown_variables(dict.fromkeys(SETTING_VARIABLES, "x")) == []
-    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 42
+    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 43
 
 
 def test_summary_is_safe_to_log() -> None:

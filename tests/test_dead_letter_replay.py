@@ -96,7 +96,9 @@ def test_replay_everything_redeadletters_what_fails_again_and_terminates(
     dead_letters: Path, hook_server: HookServer, ctsync: Callable[..., Result]
 ) -> None:
     result = ctsync("dead-letters", "replay", f"file:{dead_letters}")
-    assert result.code == 0, result.stderr
+    # One letter failed again: the replay says so with exit 1 (issue 14).
+    assert result.code == 1, result.stderr
+    assert f"failed again: 1, written to file:{dead_letters}" in result.stderr
     assert "p-3" in {e for _, e in hook_server.notifications}
     [again] = result.named("message.dead_lettered")
     assert "not valid JSON" in str(again["reason"])
@@ -113,7 +115,7 @@ def test_time_filter_and_usage_errors(dead_letters: Path, ctsync: Callable[..., 
     recent = ctsync(
         "dead-letters", "replay", "--since", "10m", "--reason", "not valid JSON", str(dead_letters)
     )
-    assert recent.code == 0 and "replayed 1" in recent.stderr
+    assert recent.code == 1 and "replayed 1" in recent.stderr  # the broken one fails again
     assert ctsync("dead-letters", "replay", "--since", "whenever", str(dead_letters)).code == 2
     assert ctsync("dead-letters", "replay", str(dead_letters.with_name("nope.jsonl"))).code == 2
 

@@ -234,6 +234,8 @@ async def test_sasl_settings_reach_aiokafka() -> None:
             "KAFKA_SASL_MECHANISM": "PLAIN",
             "KAFKA_SASL_USERNAME": "APIKEY123",
             "KAFKA_SASL_PASSWORD": "s3cr3t-confluent",
+            "IPAAS_HOOK_URL": "https://hooks.ipaas.com/x",
+            "IPAAS_WEBHOOK_API_KEY": "k",
         },
         for_command="run",
     )
