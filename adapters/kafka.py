@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.conn import create_conn
-from aiokafka.errors import KafkaError, SaslAuthenticationFailed
+from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 
 from consumer import audit
@@ -80,18 +80,20 @@ async def _connection_problem(settings: Settings, exc: BaseException) -> SourceU
 
     aiokafka only logs each broker's error and raises "Unable to bootstrap"; one direct connection to the
     first broker, with the same TLS and SASL options, shows whether the credentials or the certificate were
-    refused.
+    refused, or the protocol does not match the listener.
     """
     server = settings.kafka_bootstrap_server_list[0]
     host, _, port = server.rpartition(":")
     options = client_options(settings)
+    protocol = settings.kafka_security_protocol
+    with_tls = protocol in ("SSL", "SASL_SSL")
     try:
         async with asyncio.timeout(5):
             connection = await create_conn(
                 host.strip("[]"),
                 int(port),
                 ssl_context=options.get("ssl_context"),
-                security_protocol=options["security_protocol"],
+                security_protocol=protocol,
                 sasl_mechanism=options.get("sasl_mechanism", "PLAIN"),
                 sasl_plain_username=options.get("sasl_plain_username"),
                 sasl_plain_password=options.get("sasl_plain_password"),
@@ -116,10 +118,22 @@ async def _connection_problem(settings: Settings, exc: BaseException) -> SourceU
             f"KAFKA_SSL_CAFILE: the certificate of {server} does not chain to {trusted} ({reason})",
             "set KAFKA_SSL_CAFILE to the PEM file of the CA that signed the brokers' certificates",
         )
-    except ssl.SSLError as failed:
+    except (ssl.SSLError, ConnectionResetError) as failed:
+        if not with_tls:
+            return _unreachable(settings, exc)
+        # A listener without TLS reads the handshake as a broken request and drops the connection.
         return SourceUnavailable(
-            f"KAFKA_SECURITY_PROTOCOL: the TLS handshake with {server} failed ({failed.reason or failed}); "
-            f"is it a {settings.kafka_security_protocol} listener?",
+            f"KAFKA_SECURITY_PROTOCOL: the TLS handshake with {server} failed "
+            f"({getattr(failed, 'reason', None) or type(failed).__name__}); is it a TLS listener?",
+            "check KAFKA_SECURITY_PROTOCOL against the listener behind KAFKA_BOOTSTRAP_SERVERS",
+        )
+    except KafkaConnectionError:
+        if with_tls:
+            return _unreachable(settings, exc)
+        # A TLS listener drops a connection whose first bytes are not a TLS handshake.
+        return SourceUnavailable(
+            f"KAFKA_SECURITY_PROTOCOL: {server} closed the connection at once: is it a TLS listener "
+            f"(SASL_SSL, as on Confluent Cloud), while KAFKA_SECURITY_PROTOCOL is {protocol}?",
             "check KAFKA_SECURITY_PROTOCOL against the listener behind KAFKA_BOOTSTRAP_SERVERS",
         )
     except (KafkaError, OSError, TimeoutError):

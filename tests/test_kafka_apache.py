@@ -152,7 +152,21 @@ REFUSALS = {
         "Authentication failed",
     ),
     "another CA": ({"KAFKA_SSL_CAFILE": "<other CA>"}, "KAFKA_SSL_CAFILE", "does not chain to the CA in"),
-    "only the system CAs": ({"KAFKA_SSL_CAFILE": ""}, "KAFKA_SSL_CAFILE", "does not chain to a CA of the system"),
+    "only the system CAs": (
+        {"KAFKA_SSL_CAFILE": ""},
+        "KAFKA_SSL_CAFILE",
+        "does not chain to a CA of the system",
+    ),
+    "SASL_SSL to a plaintext listener": (
+        {"KAFKA_BOOTSTRAP_SERVERS": "<plaintext>"},
+        "KAFKA_SECURITY_PROTOCOL",
+        "TLS handshake",
+    ),
+    "SASL_PLAINTEXT to a TLS listener": (
+        {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SSL_CAFILE": ""},
+        "KAFKA_SECURITY_PROTOCOL",
+        "closed the connection at once",
+    ),
 }
 
 
@@ -166,13 +180,15 @@ async def test_a_refused_connection_names_the_variable_and_the_fix(
     tmp_path: Path,
 ) -> None:
     settings, variable, reason = REFUSALS[case]
-    settings = {k: str(apache_kafka.other_ca_file) if v == "<other CA>" else v for k, v in settings.items()}
+    stand_ins = {"<other CA>": str(apache_kafka.other_ca_file), "<plaintext>": apache_kafka.plaintext}
+    settings = {k: stand_ins.get(v, v) for k, v in settings.items()}
     topic = await apache.create_topic(partitions=1)
     env = {**kafka_env(apache, topic, f"g-{uuid.uuid4().hex[:8]}", hook_server), **settings}
     service = sasl_ctsync(env)
     await asyncio.to_thread(_never_ready, service)
     said = service.stderr()
     assert variable in said and reason in said, said
+    assert "wrong-secret" not in said
     stopped = service.events("service.stopped")
     assert stopped and variable in str(stopped[-1]["error"])
 
