@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 
 from consumer import audit
@@ -33,7 +35,14 @@ DEAD_LETTER_IDLE_S = 3.0
 
 
 class SourceUnavailable(ConnectionError):
-    """The broker cannot be reached or the configured topics do not exist; the message names the setting."""
+    """The broker cannot be reached or the configured topics do not exist; the message names the setting.
+
+    ``fix`` says what to change, where the cause is known (rejected credentials, an untrusted certificate).
+    """
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -45,8 +54,9 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "client_id": "ctsync",
     }
     if protocol in ("SSL", "SASL_SSL"):
-        # The default context verifies the broker's certificate and host name.
-        options["ssl_context"] = create_ssl_context()
+        # Always verifies the broker's certificate and host name: against the system's CAs, or a private CA.
+        cafile = settings.kafka_ssl_cafile
+        options["ssl_context"] = create_ssl_context(cafile=str(cafile) if cafile is not None else None)
     if protocol.startswith("SASL_"):
         password = settings.kafka_sasl_password
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
@@ -63,6 +73,73 @@ def _unreachable(settings: Settings, exc: BaseException) -> SourceUnavailable:
     return SourceUnavailable(
         f"KAFKA_BOOTSTRAP_SERVERS: cannot reach {_servers(settings)} ({type(exc).__name__}: {exc})"
     )
+
+
+async def _connection_problem(settings: Settings, exc: BaseException) -> SourceUnavailable:
+    """Say why the clients could not bootstrap, naming the setting to fix.
+
+    aiokafka only logs each broker's error and raises "Unable to bootstrap"; one direct connection to the
+    first broker, with the same TLS and SASL options, shows whether the credentials or the certificate were
+    refused, or the protocol does not match the listener.
+    """
+    server = settings.kafka_bootstrap_server_list[0]
+    host, _, port = server.rpartition(":")
+    options = client_options(settings)
+    protocol = settings.kafka_security_protocol
+    with_tls = protocol in ("SSL", "SASL_SSL")
+    try:
+        async with asyncio.timeout(5):
+            connection = await create_conn(
+                host.strip("[]"),
+                int(port),
+                ssl_context=options.get("ssl_context"),
+                security_protocol=protocol,
+                sasl_mechanism=options.get("sasl_mechanism", "PLAIN"),
+                sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password"),
+            )
+    except SaslAuthenticationFailed as refused:
+        return SourceUnavailable(
+            f"KAFKA_SASL_PASSWORD: {server} refused the SASL {settings.kafka_sasl_mechanism} credentials of "
+            f"KAFKA_SASL_USERNAME ({refused})",
+            "check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD (Confluent Cloud: the cluster's API key and "
+            "secret, not a Cloud API key)",
+        )
+    except ssl.SSLCertVerificationError as untrusted:
+        reason = untrusted.verify_message or str(untrusted)
+        if untrusted.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            return SourceUnavailable(
+                f"KAFKA_BOOTSTRAP_SERVERS: the certificate of {server} is not for host {host} ({reason})",
+                "use the broker's host name as its certificate names it in KAFKA_BOOTSTRAP_SERVERS",
+            )
+        cafile = settings.kafka_ssl_cafile
+        trusted = f"the CA in {cafile}" if cafile is not None else "a CA of the system's store"
+        return SourceUnavailable(
+            f"KAFKA_SSL_CAFILE: the certificate of {server} does not chain to {trusted} ({reason})",
+            "set KAFKA_SSL_CAFILE to the PEM file of the CA that signed the brokers' certificates",
+        )
+    except (ssl.SSLError, ConnectionResetError) as failed:
+        if not with_tls:
+            return _unreachable(settings, exc)
+        # A listener without TLS reads the handshake as a broken request and drops the connection.
+        return SourceUnavailable(
+            f"KAFKA_SECURITY_PROTOCOL: the TLS handshake with {server} failed "
+            f"({getattr(failed, 'reason', None) or type(failed).__name__}); is it a TLS listener?",
+            "check KAFKA_SECURITY_PROTOCOL against the listener behind KAFKA_BOOTSTRAP_SERVERS",
+        )
+    except KafkaConnectionError:
+        if with_tls:
+            return _unreachable(settings, exc)
+        # A TLS listener drops a connection whose first bytes are not a TLS handshake.
+        return SourceUnavailable(
+            f"KAFKA_SECURITY_PROTOCOL: {server} closed the connection at once: is it a TLS listener "
+            f"(SASL_SSL, as on Confluent Cloud), while KAFKA_SECURITY_PROTOCOL is {protocol}?",
+            "check KAFKA_SECURITY_PROTOCOL against the listener behind KAFKA_BOOTSTRAP_SERVERS",
+        )
+    except (KafkaError, OSError, TimeoutError):
+        return _unreachable(settings, exc)
+    connection.close()
+    return _unreachable(settings, exc)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -348,7 +425,7 @@ async def open_source(settings: Settings) -> Source:
             raise
         with contextlib.suppress(Exception):
             await consumer.stop()
-        raise _unreachable(settings, exc) from None
+        raise await _connection_problem(settings, exc) from None
     return source
 
 
@@ -368,7 +445,7 @@ async def open_dead_letter_source(settings: Settings, name: str) -> Source:
     except (KafkaError, OSError) as exc:
         if isinstance(exc, SourceUnavailable):
             raise
-        raise _unreachable(settings, exc) from None
+        raise await _connection_problem(settings, exc) from None
     return source
 
 
@@ -380,14 +457,17 @@ async def probe(settings: Settings) -> str:
     except (KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await consumer.stop()
-        raise _unreachable(settings, exc) from None
+        raise await _connection_problem(settings, exc) from None
     try:
-        known = await consumer.topics()
+        # The partition counts come from the same answer: a consumer subscribed to nothing keeps no
+        # topic's metadata (tansu answered with every topic anyway; Apache Kafka rightly does not).
+        cluster = await consumer._client.fetch_all_metadata()
+        known = cluster.topics()
         missing = [topic for topic in settings.kafka_topic_list if topic not in known]
         if missing:
             raise LookupError(f"KAFKA_TOPICS: no such topic on {_servers(settings)}: {', '.join(missing)}")
         found = ", ".join(
-            f"{topic} ({len(consumer.partitions_for_topic(topic) or ())} partitions)"
+            f"{topic} ({len(cluster.partitions_for_topic(topic) or ())} partitions)"
             for topic in settings.kafka_topic_list
         )
         return f"Kafka at {_servers(settings)}: {found}"
@@ -455,6 +535,9 @@ async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSin
     except (KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await producer.stop()
+        problem = await _connection_problem(settings, exc)
+        if problem.fix is not None:
+            raise problem from None
         raise ConnectionError(
             f"CTSYNC_DEAD_LETTER_URL: cannot reach {_servers(settings)} ({type(exc).__name__}: {exc})"
         ) from None

@@ -1,4 +1,4 @@
-"""Benchmark the Kafka source against a real broker (tansu), each figure beside a baseline from the same run.
+"""Benchmark the Kafka source on real brokers (tansu, Apache Kafka), each figure beside a same-run baseline.
 
 1. Throughput: a raw aiokafka ``getmany`` loop over the topic (the ceiling), then ctsync end to end (Kafka
    source -> pipeline -> HTTP to an unthrottled local hook server in another process -> acks -> commits).
@@ -10,6 +10,9 @@
    obvious implementation (aiokafka loop, one POST per message, aiolimiter). Payloads delivered per minute
    and requests used. Target >= 50x.
 3. Peak RSS of a ``ctsync run`` subprocess while 200,000 payloads wait behind a throttle. Target <= 250 MiB.
+4. The same payloads on Apache Kafka 4 (``tests/apachekafka.py``; needs Java, skipped with ``--no-apache``):
+   the raw ``getmany`` ceiling over PLAINTEXT and over SASL_SSL (TLS and PLAIN, as on Confluent Cloud), and
+   ctsync over SASL_SSL against the latter.
 
 Run: ``make bench`` or ``.venv/bin/python bench/kafka.py [--payloads N]``.
 """
@@ -36,6 +39,7 @@ from aiolimiter import AsyncLimiter
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from apachekafka import BrokerUnavailable, start_apache_kafka  # noqa: E402
 from hookserver import HookServer  # noqa: E402
 from kafkaserver import Kafka, start_tansu, stop_process  # noqa: E402
 
@@ -97,15 +101,16 @@ def ctsync_environ(
     }
 
 
-async def raw_rate(bootstrap: str, topic: str, count: int, *, decode: bool = False) -> float:
+async def raw_rate(bootstrap: str, topic: str, count: int, *, decode: bool = False, **options: Any) -> float:
     """Consume ``count`` records with a bare getmany loop; with ``decode``, also orjson-load each value (the
-    least per-record work any consumer of the payloads must do)."""
+    least per-record work any consumer of the payloads must do). ``options``: TLS and SASL, if any."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
         group_id=f"raw-{uuid.uuid4().hex[:8]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        **options,
     )
     await consumer.start()
     seen, first = 0, 0.0
@@ -285,7 +290,42 @@ def peak_rss(kafka: Kafka, topic: str, seconds: float) -> None:
     )
 
 
-async def main_async(count: int, naive_seconds: float, rss_seconds: float) -> None:
+async def apache_kafka(count: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            broker = await asyncio.to_thread(start_apache_kafka, Path(tmp) / "apachekafka")
+        except BrokerUnavailable as exc:
+            print(f"4. Apache Kafka: not run ({exc})")
+            return
+        try:
+            print(
+                f"4. Apache Kafka 4, the same {count:,} payloads, 3 partitions (broker started in "
+                f"{broker.started_in_s:.1f} s, RSS {broker.rss_kib() / 1024:.0f} MiB)"
+            )
+            options = broker.client_options()
+            kafka = Kafka(broker.sasl_ssl, **options)
+            topic = await kafka.create_topic(partitions=3)
+            await kafka.produce(topic, _pipeline_bench().payloads(count, entities=count // 4))
+            async with app.garbage_collected_on_a_clock():
+                plain = await raw_rate(broker.plaintext, topic, count)
+                sasl_ssl = await raw_rate(broker.sasl_ssl, topic, count, **options)
+            print(f"   raw getmany loop, PLAINTEXT     {plain:10,.0f} payloads/s")
+            print(
+                f"   raw getmany loop, SASL_SSL      {sasl_ssl:10,.0f} payloads/s   "
+                f"ratio {sasl_ssl / plain:.2f}   (the ceiling for ctsync below)"
+            )
+            with HookProcess() as hook, open(os.devnull, "wb") as devnull:  # noqa: ASYNC230
+                audit.configure(level="INFO", stream=devnull)
+                environ = ctsync_environ(broker.sasl_ssl, topic, hook, **broker.env())
+                rate, _ = await ctsync_rate(environ, count)
+            print(
+                f"   ctsync over SASL_SSL, batch 100 {rate:10,.0f} payloads/s   ratio {rate / sasl_ssl:.2f}"
+            )
+        finally:
+            stop_process(broker.proc)
+
+
+async def main_async(count: int, naive_seconds: float, rss_seconds: float, apache: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, bootstrap = start_tansu(Path(tmp) / "tansu.log")
         try:
@@ -295,6 +335,8 @@ async def main_async(count: int, naive_seconds: float, rss_seconds: float) -> No
             await asyncio.to_thread(peak_rss, kafka, topic, rss_seconds)
         finally:
             stop_process(proc)
+    if apache:
+        await apache_kafka(count)
 
 
 def main() -> None:
@@ -302,8 +344,9 @@ def main() -> None:
     parser.add_argument("--payloads", type=int, default=200_000)
     parser.add_argument("--naive-seconds", type=float, default=20.0)
     parser.add_argument("--rss-seconds", type=float, default=20.0)
+    parser.add_argument("--no-apache", action="store_true", help="skip the Apache Kafka figures")
     args = parser.parse_args()
-    asyncio.run(main_async(args.payloads, args.naive_seconds, args.rss_seconds))
+    asyncio.run(main_async(args.payloads, args.naive_seconds, args.rss_seconds, not args.no_apache))
 
 
 if __name__ == "__main__":

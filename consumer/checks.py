@@ -593,7 +593,8 @@ async def _source_check(settings: Settings) -> CheckResult:
     except TimeoutError:
         return fail(name, f"{spec.kind}: no answer within {PROBE_SECONDS:g}s", _source_fix(spec.kind))
     except (ConnectionError, LookupError, OSError) as exc:
-        return fail(name, f"{spec.kind}: {exc}", _source_fix(spec.kind))
+        # The Kafka adapter knows the fix when the broker refused the credentials or the certificate.
+        return fail(name, f"{spec.kind}: {exc}", getattr(exc, "fix", None) or _source_fix(spec.kind))
     return ok(name, description)
 
 

@@ -16,6 +16,7 @@ import base64
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher, get_close_matches
@@ -439,6 +440,8 @@ class Settings(BaseSettings):
     )
     kafka_sasl_username: str | None = Field(None, validation_alias="KAFKA_SASL_USERNAME")
     kafka_sasl_password: SecretStr | None = Field(None, validation_alias="KAFKA_SASL_PASSWORD")
+    # Only for a private CA: Confluent Cloud's certificates chain to public CAs in the system store.
+    kafka_ssl_cafile: Path | None = Field(None, validation_alias="KAFKA_SSL_CAFILE")
     # earliest: a new consumer group must not skip what is already waiting on the topic.
     kafka_auto_offset_reset: Annotated[OffsetReset, BeforeValidator(_lower)] = Field(
         "earliest", validation_alias="KAFKA_AUTO_OFFSET_RESET"
@@ -491,6 +494,7 @@ class Settings(BaseSettings):
         "kafka_topics",
         "kafka_group_id",
         "kafka_sasl_username",
+        "kafka_ssl_cafile",
         "pubsub_subscription",
         "pubsub_emulator_host",
         "push_audience",
@@ -548,6 +552,19 @@ class Settings(BaseSettings):
             raise ValueError("is not a file")
         if not os.access(value, os.R_OK):
             raise ValueError("file is not readable")
+        return value
+
+    @field_validator("kafka_ssl_cafile")
+    @classmethod
+    def _check_ssl_cafile(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file() or not os.access(value, os.R_OK):
+            raise ValueError("file does not exist or is not readable")
+        try:
+            ssl.create_default_context(cafile=value)
+        except ssl.SSLError:
+            raise ValueError("holds no PEM certificate (of the CA that signed the brokers')") from None
         return value
 
     @field_validator("ctsync_source")
@@ -738,6 +755,13 @@ class Settings(BaseSettings):
                 "KAFKA_SECURITY_PROTOCOL",
                 "KAFKA_SASL_USERNAME",
                 "KAFKA_SASL_PASSWORD",
+            )
+        if self.kafka_ssl_cafile is not None and protocol not in ("SSL", "SASL_SSL"):
+            problem(
+                f"KAFKA_SSL_CAFILE: set, but KAFKA_SECURITY_PROTOCOL is {protocol}, which uses no TLS; "
+                "use SASL_SSL or SSL",
+                "KAFKA_SSL_CAFILE",
+                "KAFKA_SECURITY_PROTOCOL",
             )
 
         kind = self.source.kind if self.source is not None else None

@@ -7,7 +7,7 @@ from collections.abc import Generator
 
 import pytest
 
-pytest_plugins = ["hookserver", "kafkaserver", "ctmockserver", "pstestserver", "redisserver"]
+pytest_plugins = ["hookserver", "kafkaserver", "apachekafka", "ctmockserver", "pstestserver", "redisserver"]
 
 # .ci/run sets this: a test that would skip because a real server is missing must fail instead.
 REQUIRE_SERVERS = os.environ.get("CTSYNC_REQUIRE_SERVERS", "") not in ("", "0", "false")

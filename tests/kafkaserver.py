@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -96,12 +97,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Kafka:
     """Topic, produce and offset helpers against the test broker."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, **options: Any) -> None:
         self.bootstrap = bootstrap
+        # Connection options beyond the address (TLS, SASL) for every client these helpers open.
+        self.options = options
 
     async def create_topic(self, name: str | None = None, partitions: int = 3) -> str:
         name = name or f"t-{uuid.uuid4().hex[:10]}"
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.options)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
@@ -117,7 +120,7 @@ class Kafka:
         Records are spread over the partitions round-robin unless ``partition`` is given (commercetools
         uses one fixed key, which would put everything on one partition).
         """
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, **self.options)
         await producer.start()
         ends: dict[int, int] = {}
         try:
@@ -136,7 +139,7 @@ class Kafka:
 
     async def committed(self, group: str, topic: str, partitions: int = 3) -> dict[int, int | None]:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+            bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False, **self.options
         )
         await consumer.start()
         try:
@@ -154,6 +157,7 @@ class Kafka:
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            **self.options,
         )
         await consumer.start()
         consumer.assign([TopicPartition(topic, p) for p in range(partitions)])

@@ -619,7 +619,7 @@ def test_unknown_variables_catch_typos(tmp_path: Path) -> None:
 
 def test_every_setting_is_known() -> None:
     assert unknown_variables(dict.fromkeys(SETTING_VARIABLES, "x")) == []
-    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 43
+    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 44
 
 
 def test_summary_is_safe_to_log() -> None:
