@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --require-hashes -r $(LOCK) 2>&1 | grep -v "WARNING: Location" || true
 	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "WARNING: Location" || true
+	@broken=$$($(BIN)/python -m pip check) || { echo "$$broken" >&2; exit 1; }
 	@$(BIN)/python -c "import consumer, adapters, hypothesis, pytest" 
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -205,7 +205,10 @@ def test_dockerfile_final_stage_is_slim_and_unprivileged() -> None:
     stages = dockerfile_stages()
     assert len(stages) >= 2, "multi-stage: wheels are built apart from the runtime image"
     text = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+    # A patch version on a named Debian release, never a moving minor tag.
+    assert re.search(
+        r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?$", text, re.M
+    )
     final = stages[-1]
     body = "\n".join(final)
     users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
@@ -250,3 +253,46 @@ def test_the_image_healthcheck_asks_healthz_on_the_configured_port(tmp_path: Pat
     done = subprocess.run([sys.executable, *command[1:]], env=env, timeout=20)
     server.server_close()
     assert done.returncode == 0 and asked == ["/healthz"]
+
+
+def _locked(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """Return the lock's pins: canonical name -> (version, hashes)."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = path.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        match = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
+        if match:
+            pins[canonicalize_name(match.group(1))] = (match.group(2), re.findall(r"--hash=sha256:\w+", line))
+    return pins
+
+
+def test_the_locks_pin_every_declared_range_with_hashes() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _locked(ROOT / "requirements" / "runtime.txt")
+    dev = _locked(ROOT / "requirements" / "dev.txt")
+    extras = [line for group in project["optional-dependencies"].values() for line in group]
+    for lock, declared in ((runtime, project["dependencies"]), (dev, project["dependencies"] + extras)):
+        for line in declared:
+            requirement = Requirement(line)
+            name = canonicalize_name(requirement.name)
+            assert name in lock, f"{name} is declared but not locked: run make lock"
+            assert requirement.specifier.contains(lock[name][0]), f"{name}=={lock[name][0]} outside {line}"
+    for pins in (runtime, dev):
+        assert all(hashes for _, hashes in pins.values()), "pip --require-hashes needs a hash for every pin"
+    # The image and the tests run the same versions.
+    assert {name: pin[0] for name, pin in runtime.items()} == {name: dev[name][0] for name in runtime}
+
+
+def test_the_image_and_make_install_use_the_locks() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements/runtime.txt" in dockerfile
+    assert "--no-deps" in dockerfile
+    makefile = (ROOT / "Makefile").read_text()
+    assert "LOCK := requirements/dev.txt" in makefile and "--require-hashes -r $(LOCK)" in makefile
