@@ -10,7 +10,7 @@ UV_COMPILE = $(BIN)/uv pip compile pyproject.toml requirements/build.in --genera
 	--python-version 3.11 --custom-compile-command "make lock" -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: run test install servers lint typecheck deptry lock bench clean
+.PHONY: run test install servers lint typecheck deptry lock image bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -50,6 +50,11 @@ typecheck: install
 # Declared dependencies and imports stay equal (configuration: [tool.deptry] in pyproject.toml).
 deptry: install
 	$(BIN)/deptry .
+
+# deploy/Dockerfile as ctsync:0.1.0: docker when an engine answers, else buildah on a cached debootstrap base
+# (tools/build-image says how). tests/test_image.py builds it the same way and runs it.
+image: servers
+	tools/build-image ctsync:0.1.0
 
 # The programs the suite runs as real servers (Redis, Go for pstest, Node, Java); nothing runs them before.
 servers:
