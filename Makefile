@@ -2,19 +2,32 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# The locks (exact versions with hashes, from pyproject.toml's ranges): requirements/dev.txt for `make run` and
+# `make test` (runtime + test + bench extras), requirements/runtime.txt for the image. `make lock` refreshes both.
+LOCK := requirements/dev.txt
+RUNTIME_LOCK := requirements/runtime.txt
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml requirements/build.in --generate-hashes --universal \
+	--python-version 3.11 --custom-compile-command "make lock" -q
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: run test install servers lint typecheck bench clean
+.PHONY: run test install servers lint typecheck deptry lock image bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "WARNING: Location" || true
-	@$(BIN)/python -m pip install -q -e '.[test,bench]' 2>&1 | grep -v "WARNING: Location" || true
+	@$(BIN)/python -m pip install -q --require-hashes -r $(LOCK) 2>&1 | grep -v "WARNING: Location" || true
+	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "WARNING: Location" || true
+	@broken=$$($(BIN)/python -m pip check) || { echo "$$broken" >&2; exit 1; }
 	@$(BIN)/python -c "import consumer, adapters, hypothesis, pytest" 
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
+
+# Resolve pyproject.toml's ranges again (newest allowed versions) into both locks; the runtime lock is
+# constrained by the dev lock so the image and the tests run the same versions.
+lock: install
+	$(UV_COMPILE) --upgrade --extra test --extra bench -o $(LOCK)
+	$(UV_COMPILE) --upgrade -c $(LOCK) -o $(RUNTIME_LOCK)
 
 # The embedded default: the sample payloads through the whole pipeline, SQLite state, and an explicit dry
 # run (a dry run is never implied by a missing IPAAS_HOOK_URL: that is a configuration error).
@@ -35,11 +48,20 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict consumer adapters
 
+# Declared dependencies and imports stay equal (configuration: [tool.deptry] in pyproject.toml).
+deptry: install
+	$(BIN)/deptry .
+
+# deploy/Dockerfile as ctsync:0.1.0: docker when an engine answers, else buildah on a cached debootstrap base
+# (tools/build-image says how). tests/test_image.py builds it the same way and runs it.
+image: servers
+	tools/build-image ctsync:0.1.0
+
 # The programs the suite runs as real servers (Redis, Go for pstest, Node, Java); nothing runs them before.
 servers:
 	@tools/install-test-servers
 
-test: install servers lint typecheck
+test: install servers lint typecheck deptry
 	$(BIN)/pytest -q
 
 # Each benchmark starts the servers it needs (tansu, pstest, redis-server, commercetools-mock) and prints

@@ -23,9 +23,9 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from consumer.config import display_url
 from consumer.ports import Claim, StateView

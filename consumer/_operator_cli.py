@@ -261,6 +261,8 @@ def audit_command(
     as_json: bool,
 ) -> None:
     """Query audit logs (JSON lines; FILES, or stdin): a story, or counts by event and reason."""
+    import contextlib
+
     import orjson
 
     from consumer import audit_query as q
@@ -281,28 +283,34 @@ def audit_command(
         end = q.parse_bound(until) if until else None
     except ValueError as exc:
         _usage_failure(f"--since/--until: {exc}")
-    reading = q.Reading()
-    for path in files or (Path("-"),):
-        if str(path) == "-":
-            q.read_events(sys.stdin.buffer, "<stdin>", reading)
-            continue
+    # Streamed: memory stays bounded whatever the logs' size; progress on stderr when it is a terminal.
+    story_query = resource_id or message_key or correlation_id
+    with contextlib.ExitStack() as stack:
         try:
-            with path.open("rb") as file:
-                q.read_events(file, str(path), reading)
+            logs = q.open_logs(files, 3 if story_query else 1, stack)
         except OSError as exc:
-            _usage_failure(f"cannot read {path}: {exc.strerror}")
-    events = q.in_range(reading.events, start, end)
-    if resource_id or message_key or correlation_id:
+            _usage_failure(f"cannot read {exc.filename}: {exc.strerror}")
+        progress = q.Progress(logs.total_bytes)
+        if not story_query:
+            counts, skipped = q.stream_counts(logs, start, end, progress)
+        else:
+            story = q.stream_story(
+                logs,
+                resource_id=resource_id,
+                message_key=message_key,
+                correlation_id=correlation_id,
+                since=start,
+                until=end,
+                progress=progress,
+            )
+    if story_query:
         if resource_id:
-            story, query = q.story_of_resource(events, resource_id), {"resource_id": resource_id}
+            query = {"resource_id": resource_id}
         elif message_key:
-            story, query = q.story_of_message_key(events, message_key), {"message_key": message_key}
+            query = {"message_key": message_key}
         else:
             assert correlation_id is not None
-            story, query = (
-                q.story_of_correlation_id(events, correlation_id),
-                {"correlation_id": correlation_id},
-            )
+            query = {"correlation_id": correlation_id}
         if as_json:
             payload = {"query": query, "count": len(story), "events": q.events_json(story)}
             click.echo(orjson.dumps(payload, default=str).decode())
@@ -312,14 +320,13 @@ def audit_command(
         else:
             click.echo(f"no events for {next(iter(query.values()))}", err=True)
         return
-    counts = q.count(events)
     if as_json:
-        click.echo(orjson.dumps({**counts.as_json(), "skipped_lines": reading.skipped}).decode())
+        click.echo(orjson.dumps({**counts.as_json(), "skipped_lines": skipped}).decode())
     else:
         for line in q.count_lines(counts):
             click.echo(line)
-        if reading.skipped:
-            click.echo(f"({reading.skipped} lines were not audit events)", err=True)
+        if skipped:
+            click.echo(f"({skipped} lines were not audit events)", err=True)
 
 
 @main.group("dead-letters")

@@ -1,5 +1,12 @@
 """``ctsync audit``: answer questions from audit logs (JSON lines): the story of a resource, a message key
-or a hook request, and counts by event and by reason over a time range. Pure: the caller reads the lines.
+or a hook request, and counts by event and by reason over a time range.
+
+The functions over event lists are pure; ``stream_counts`` and ``stream_story`` read the logs themselves, a
+line at a time, so memory stays bounded whatever the log's size: counts in one pass; a story in up to three
+passes over the files (the first finds the message keys, the second the hook requests carrying them, the
+third collects the events), holding only the story's own keys, request ids and events. A line is parsed
+only when it contains one of the values searched for (the exact JSON text of the value), which keeps the
+passes at about the speed of reading the file.
 
 A story follows the links the log records: a resource's events carry its ``message_key``; ``batch.sent``
 carries the ``message_keys`` (and notifications) of the hook request, identified by ``correlation_id``; a
@@ -9,11 +16,17 @@ retry or a refusal of that request carries the same ``correlation_id``.
 from __future__ import annotations
 
 import re
+import shutil
+import sys
+import tempfile
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from pathlib import Path
+from typing import IO, Any, Final
 
 import orjson
 
@@ -262,3 +275,257 @@ def count_lines(counts: Counts) -> list[str]:
 
 def events_json(events: Sequence[Event]) -> list[dict[str, Any]]:
     return [{**e.fields, "_origin": f"{e.origin}:{e.line}"} for e in events]
+
+
+# --- streaming over files: bounded memory whatever the log size ---------------------------------------
+
+STDIN: Final = Path("-")
+# Read in big chunks: a line iterator over a buffered file is the fast path; progress is redrawn at most
+# this often.
+_PROGRESS_SECONDS: Final = 0.25
+
+
+class Progress:
+    """Bytes read out of the total, redrawn in place on a terminal's stderr (never into a pipe or a file)."""
+
+    def __init__(self, total_bytes: int | None, stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self.total_bytes = total_bytes
+        self.done_bytes = 0
+        self.label = ""
+        self._drawn_at = 0.0
+
+    def advance(self, size: int) -> None:
+        self.done_bytes += size
+        now = time.monotonic()
+        if self.enabled and now - self._drawn_at >= _PROGRESS_SECONDS:
+            self._drawn_at = now
+            self._draw()
+
+    def _draw(self) -> None:
+        read = f"{self.done_bytes / 2**20:,.0f} MiB"
+        if self.total_bytes:
+            read += (
+                f" of {self.total_bytes / 2**20:,.0f} MiB ({100 * self.done_bytes / self.total_bytes:.0f}%)"
+            )
+        self.stream.write(f"\r\x1b[Kctsync audit: {self.label}{read}")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self._drawn_at:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+@dataclass
+class LogFiles:
+    """The logs to read, each re-readable (stdin is spooled to a temporary file when read more than once)."""
+
+    paths: list[Path]
+    origins: list[str]
+    total_bytes: int | None
+
+    def lines(self, progress: Progress) -> Iterator[tuple[str, int, bytes]]:
+        """Yield (origin, line number, raw line) for every line of every file, counting progress."""
+        for path, origin in zip(self.paths, self.origins, strict=True):
+            with ExitStack() as stack:
+                file: IO[bytes] = (
+                    sys.stdin.buffer
+                    if path == STDIN
+                    else stack.enter_context(path.open("rb", buffering=2**20))
+                )
+                for number, raw in enumerate(file, start=1):
+                    progress.advance(len(raw))
+                    yield origin, number, raw
+
+
+def open_logs(paths: Sequence[Path], passes: int, stack: ExitStack) -> LogFiles:
+    """Return the logs to read ``passes`` times; stdin is copied to a temporary file when ``passes`` > 1.
+    Raise OSError for a file that cannot be read."""
+    chosen = list(paths) or [STDIN]
+    readable: list[Path] = []
+    origins: list[str] = []
+    total: int | None = 0
+    for path in chosen:
+        if path == STDIN:
+            origins.append("<stdin>")
+            if passes > 1:
+                spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctsync-audit-")))
+                path = spool / "stdin.jsonl"
+                with path.open("wb") as copy:
+                    shutil.copyfileobj(sys.stdin.buffer, copy, 2**20)
+        else:
+            origins.append(str(path))
+        if path == STDIN:
+            total = None
+        else:
+            with path.open("rb"):
+                pass  # unreadable or missing: fail now, before any pass
+            if total is not None:
+                total += path.stat().st_size
+        readable.append(path)
+    return LogFiles(readable, origins, total)
+
+
+def _event(origin: str, number: int, raw: bytes) -> Event | None:
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or "event" not in data:
+        return None
+    return Event(origin, number, data)
+
+
+def _in_range(event: Event, since: datetime | None, until: datetime | None) -> bool:
+    if since is None and until is None:
+        return True
+    when = event.timestamp
+    return not (when is None or (since is not None and when < since) or (until is not None and when >= until))
+
+
+def stream_counts(
+    logs: LogFiles, since: datetime | None, until: datetime | None, progress: Progress
+) -> tuple[Counts, int]:
+    """Count events as ``count`` does, in one pass; return the counts and how many lines were skipped."""
+    by_event: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    total = skipped = 0
+    first: str | None = None
+    last: str | None = None
+    progress.label = ""
+    for origin, number, raw in logs.lines(progress):
+        event = _event(origin, number, raw)
+        if event is None:
+            skipped += 1 if raw.strip() else 0
+            continue
+        if not _in_range(event, since, until):
+            continue
+        total += 1
+        by_event[event.name] += 1
+        if event.get("reason") is not None:
+            by_reason[f"{event.name}: {reason_group(str(event.get('reason')))}"] += 1
+        stamp = event.get("timestamp")
+        if stamp:
+            stamp = str(stamp)
+            first = stamp if first is None or stamp < first else first
+            last = stamp if last is None or stamp > last else last
+    progress.clear()
+    counts = Counts(
+        total=total,
+        by_event=dict(by_event.most_common()),
+        by_reason=dict(by_reason.most_common()),
+        first=first,
+        last=last,
+    )
+    return counts, skipped
+
+
+def _needle(value: str) -> bytes | None:
+    """The bytes a line must contain to hold ``value`` as a JSON string, or None when its encoding could
+    vary between writers (escapes), in which case every line is parsed."""
+    if value.isascii() and value.isprintable() and not any(c in value for c in '"\\/'):
+        return b'"' + value.encode() + b'"'
+    return None
+
+
+class _Matcher:
+    """Parse only the lines that may hold one of the values sought (a plain substring test first)."""
+
+    def __init__(self) -> None:
+        self.needles: set[bytes] = set()
+        self.parse_all = False
+
+    def add(self, value: str) -> None:
+        needle = _needle(value)
+        if needle is None:
+            self.parse_all = True
+        else:
+            self.needles.add(needle)
+
+    def events(
+        self, logs: LogFiles, since: datetime | None, until: datetime | None, progress: Progress
+    ) -> Iterator[Event]:
+        needles = sorted(self.needles)
+        for origin, number, raw in logs.lines(progress):
+            if not self.parse_all and not any(needle in raw for needle in needles):
+                continue
+            event = _event(origin, number, raw)
+            if event is not None and _in_range(event, since, until):
+                yield event
+
+
+def stream_story(
+    logs: LogFiles,
+    *,
+    resource_id: str | None = None,
+    message_key: str | None = None,
+    correlation_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: Progress,
+) -> list[Event]:
+    """Return the same story as ``story_of_resource`` / ``story_of_message_key`` /
+    ``story_of_correlation_id`` over all the logs' events, reading them a line at a time."""
+    keys: set[str] = set()
+    correlation_ids: set[str] = set()
+    passes = 3 if resource_id is not None or correlation_id is not None else 2
+    step = 1
+
+    def begin(matcher: _Matcher) -> Iterator[Event]:
+        nonlocal step
+        progress.label = f"pass {step}/{passes}: "
+        step += 1
+        return matcher.events(logs, since, until, progress)
+
+    def own(event: Event) -> bool:
+        """An event of the resource itself (its messages, or a notification naming it)."""
+        return resource_id is not None and (
+            event.get("resource_id") == resource_id or _names_external_id(event, resource_id)
+        )
+
+    # Pass 1: the seed's message keys (a resource's own events; a request's keys).
+    if resource_id is not None:
+        seed = _Matcher()
+        seed.add(resource_id)
+        for event in begin(seed):
+            if own(event):
+                if event.get("correlation_id"):
+                    correlation_ids.add(str(event.get("correlation_id")))
+                if event.name != "batch.sent":  # a batch's other keys belong to other resources
+                    keys |= _keys(event)
+    elif correlation_id is not None:
+        correlation_ids.add(correlation_id)
+        seed = _Matcher()
+        seed.add(correlation_id)
+        for event in begin(seed):
+            if event.get("correlation_id") == correlation_id:
+                keys |= _keys(event)
+    else:
+        assert message_key is not None
+        keys.add(message_key)
+    # Pass 2: the hook requests that carried those keys.
+    carriers = _Matcher()
+    for key in keys:
+        carriers.add(key)
+    if keys:
+        for event in begin(carriers):
+            if event.get("correlation_id") and _keys(event) & keys:
+                correlation_ids.add(str(event.get("correlation_id")))
+    # Pass 3: every event of the story, in the logs' order.
+    wanted = _Matcher()
+    for value in (*keys, *correlation_ids, *([resource_id] if resource_id is not None else [])):
+        wanted.add(value)
+    story = [
+        event
+        for event in begin(wanted)
+        if own(event)
+        or _keys(event) & keys
+        or (event.get("correlation_id") and str(event.get("correlation_id")) in correlation_ids)
+    ]
+    progress.clear()
+    return story

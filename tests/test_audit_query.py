@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -164,3 +166,147 @@ def test_pure_story_and_bounds() -> None:
     now = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
     assert q.parse_bound("30m", now) == datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
     assert q.reason_group("not valid JSON: unexpected character") == "not valid JSON"
+
+
+def write_synthetic_log(path: Path, approximate_bytes: int) -> int:
+    """Write an audit log of roughly ``approximate_bytes``: resources received, batched, sent and acked, as
+    ``ctsync run`` logs them. Return the number of resources (``r-0``, ``r-1``, ...)."""
+    batch_size = 5
+    written = 0
+    resources = 0
+    with path.open("wb") as out:
+        while written < approximate_bytes:
+            batch = resources // batch_size
+            keys = [f"k-{resources + i}-{uuid_like(resources + i)}" for i in range(batch_size)]
+            second = f"{batch % 60:02d}"
+            lines = []
+            for i, key in enumerate(keys):
+                lines.append(
+                    {
+                        "event": "message.received",
+                        "timestamp": f"2026-01-01T00:{(batch // 60) % 60:02d}:{second}.000000Z",
+                        "level": "info",
+                        "resource_type": "product",
+                        "resource_id": f"r-{resources + i}",
+                        "version": 2,
+                        "message_key": key,
+                        "position": f"commercetools-changes/0/{resources + i}",
+                    }
+                )
+            correlation = f"c-{batch}-{uuid_like(batch)}"
+            lines.append(
+                {
+                    "event": "batch.sent",
+                    "timestamp": f"2026-01-01T00:{(batch // 60) % 60:02d}:{second}.500000Z",
+                    "level": "info",
+                    "correlation_id": correlation,
+                    "size": batch_size,
+                    "status": 200,
+                    "message_keys": keys,
+                    "notifications": [
+                        {"scope": "product/updated", "external_id": f"r-{resources + i}"}
+                        for i in range(batch_size)
+                    ],
+                }
+            )
+            lines += [
+                {
+                    "event": "message.acked",
+                    "timestamp": lines[-1]["timestamp"],
+                    "level": "info",
+                    "message_key": key,
+                }
+                for key in keys
+            ]
+            chunk = b"".join(orjson.dumps(line) + b"\n" for line in lines)
+            out.write(chunk)
+            written += len(chunk)
+            resources += batch_size
+    return resources
+
+
+def uuid_like(number: int) -> str:
+    return f"{number * 2654435761 % 2**32:08x}-4f5a-4b6c-8d7e-{number:012d}"
+
+
+def peak_rss_mib(*args: str) -> float:
+    """Run ``ctsync audit`` with ``args`` in a fresh wrapper process and return the child's peak RSS."""
+    measure = (
+        "import resource, subprocess, sys; "
+        "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", measure, *CTSYNC, "audit", *args], capture_output=True, text=True, timeout=120
+    )
+    returncode, kib = done.stdout.split()
+    assert returncode == "0", done.stderr
+    return int(kib) / 1024
+
+
+def test_streaming_gives_the_in_memory_answers(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_synthetic_log(log, 300_000)
+    with log.open("a") as out:
+        out.write("plain text\n\n")
+    events = q.read_events(log.read_bytes().splitlines(), str(log)).events
+    quiet = q.Progress(None, stream=io.StringIO())  # not a terminal: never drawn
+    with ExitStack() as stack:
+        logs = q.open_logs([log], 3, stack)
+        counts, skipped = q.stream_counts(logs, None, None, quiet)
+        assert counts == q.count(events) and skipped == 1
+        since = q.parse_bound("2026-01-01T00:00:30Z")
+        assert q.stream_counts(logs, since, None, quiet)[0] == q.count(q.in_range(events, since, None))
+        for resource in ("r-0", "r-42", "r-999", "absent"):
+            streamed = q.stream_story(logs, resource_id=resource, progress=quiet)
+            assert streamed == q.story_of_resource(events, resource), resource
+        sent = next(e for e in events if e.name == "batch.sent" and "r-42" in str(e.fields))
+        correlation = str(sent.get("correlation_id"))
+        assert q.stream_story(logs, correlation_id=correlation, progress=quiet) == q.story_of_correlation_id(
+            events, correlation
+        )
+        key = str(sent.get("message_keys")[0])
+        assert q.stream_story(logs, message_key=key, progress=quiet) == q.story_of_message_key(events, key)
+
+
+def test_memory_stays_flat_as_the_log_grows(tmp_path: Path) -> None:
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    write_synthetic_log(small, 4 * 2**20)
+    write_synthetic_log(large, 64 * 2**20)
+    for query in ([], ["--resource", "r-4242"]):
+        growth = peak_rss_mib(str(large), *query, "--json") - peak_rss_mib(str(small), *query, "--json")
+        # Loaded into memory, 60 MiB more log costs about 200 MiB more RSS (1.6 GiB for 400 MB).
+        assert growth < 8, (query, growth)
+
+
+def test_progress_is_drawn_on_a_terminal_only(tmp_path: Path) -> None:
+    import pty
+
+    log = tmp_path / "audit.jsonl"
+    write_synthetic_log(log, 24 * 2**20)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(PREFIXES)}
+    leader, follower = pty.openpty()
+    with os.fdopen(leader, "rb", buffering=0) as terminal:
+        done = subprocess.run(
+            [*CTSYNC, "audit", str(log), "--resource", "r-5", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=environ,
+            timeout=60,
+        )
+        os.close(follower)
+        drawn = b""
+        while True:
+            try:
+                chunk = terminal.read(65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    assert done.returncode == 0
+    assert b"ctsync audit: pass 1/3: " in drawn and b"MiB of 24 MiB" in drawn
+    assert drawn.endswith(b"\r\x1b[K"), "the progress line is cleared at the end"
+    assert orjson.loads(done.stdout)["count"] == 3
+    piped = audit(str(log), "--resource", "r-5", "--json")
+    assert piped.stderr == b"" and orjson.loads(piped.stdout)["count"] == 3
