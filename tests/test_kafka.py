@@ -235,7 +235,7 @@ async def test_sasl_settings_reach_aiokafka() -> None:
             "KAFKA_SASL_USERNAME": "APIKEY123",
             "KAFKA_SASL_PASSWORD": "s3cr3t-confluent",
             "IPAAS_HOOK_URL": "https://hooks.ipaas.com/x",
-            "IPAAS_WEBHOOK_API_KEY": "k",
+            "IPAAS_WEBHOOK_API_KEY": "k" * 16,
         },
         for_command="run",
     )

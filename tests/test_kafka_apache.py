@@ -218,6 +218,7 @@ def test_the_private_ca_is_the_one_trusted(tmp_path: Path) -> None:
     ca_file = write_pem(tmp_path / "ca.pem", cert)
     environ = {
         "CTSYNC_SOURCE": "kafka",
+        "CTSYNC_DRY_RUN": "true",
         "KAFKA_BOOTSTRAP_SERVERS": "kafka.internal:9093",
         "KAFKA_TOPICS": "ct",
         "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",

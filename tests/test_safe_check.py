@@ -18,6 +18,7 @@ from hookserver import HookServer
 from kafkaserver import CTSYNC, Kafka
 from pstestserver import PubSubTestbed
 from test_deploy import environment as pod_environment
+from test_deploy import rendered
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ def test_the_shipped_settings_pass_the_scopes_checks(
     tmp_path: Path, ct_proxy: CtProxy, hook_server: HookServer, shipped: str
 ) -> None:
     if shipped == "configmap":
-        values = pod_environment()
+        values = pod_environment(rendered("kafka"))
     else:
         values = {k: v or "" for k, v in dotenv_values(ROOT / "examples" / ".env.example").items()}
     project = project_key()
