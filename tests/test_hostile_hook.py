@@ -227,7 +227,12 @@ def test_run_stops_intake_on_a_redirect_and_readyz_says_where(
 
     def not_ready() -> httpx.Response | None:
         answer = running.readyz()
-        return answer if answer is not None and answer.status_code == 503 else None
+        # Before the state store first answered, /readyz is 503 for that alone; wait for the redirect.
+        return (
+            answer
+            if answer is not None and answer.status_code == 503 and "redirects" in answer.text
+            else None
+        )
 
     answer = poll(not_ready, 20, "/readyz to report the redirect")
     [problem] = answer.json()["problems"]
