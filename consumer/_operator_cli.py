@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from consumer import app
-from consumer.config import Settings, load_settings_with_problems, unknown_variables
+from consumer.config import Problem, Settings, load_settings_with_problems, unknown_variables
 from consumer.ports import Envelope, Source
 from consumer.routing import ScopeMapError
 
@@ -49,7 +49,7 @@ def _raw_values(env_file: Path | None) -> dict[str, str]:
     return values
 
 
-def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[str]]:
+def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[Problem]]:
     """Load settings, collecting problems instead of exiting: built from every valid variable, so a problem
     across variables (a hook URL without its key) does not keep the other checks from running."""
     return load_settings_with_problems(environ=values, for_command="check")

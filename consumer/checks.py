@@ -12,18 +12,18 @@ import socket
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from consumer.audit import redact
-from consumer.config import KNOWN_REGIONS, Settings, commercetools_region, did_you_mean, display_url
+from consumer.config import KNOWN_REGIONS, Problem, Settings, commercetools_region, did_you_mean, display_url
+from consumer.config.values import commercetools_url
 
 if TYPE_CHECKING:
     from adapters.commercetools import CommercetoolsClient
 
 # How long a probe of one outside system may take before its check fails.
 PROBE_SECONDS: Final = 15.0
-_EXAMPLE_REGION: Final = "europe-west1.gcp"
 _API_CLIENTS: Final = "Merchant Center > Settings > Developer settings > API clients"
 
 
@@ -72,12 +72,12 @@ def note(name: str, detail: str, fix: str = "") -> CheckResult:
 # --- settings and URLs ---
 
 
-def settings_result(problems: Sequence[str], unknown: Sequence[str] = ()) -> CheckResult:
-    """Judge the settings from the problems ``load_settings`` reported (one line each)."""
+def settings_result(problems: Sequence[Problem], unknown: Sequence[str] = ()) -> CheckResult:
+    """Judge the settings from the problems ``load_settings_with_problems`` found."""
     if problems:
         return fail(
             "settings",
-            f"{len(problems)} problem(s): " + "; ".join(problems),
+            f"{len(problems)} problem(s): " + "; ".join(found.text for found in problems),
             "fix each variable named above",
             config=True,
         )
@@ -104,18 +104,22 @@ def region_result(api_url: str | None, auth_url: str | None) -> CheckResult:
         )
     problems: list[str] = []
     hosts = {}
-    for variable, url, service in (("CTP_API_URL", api_url, "api"), ("CTP_AUTH_URL", auth_url, "auth")):
+    urls: tuple[tuple[str, str, Literal["api", "auth"]], ...] = (
+        ("CTP_API_URL", api_url, "api"),
+        ("CTP_AUTH_URL", auth_url, "auth"),
+    )
+    for variable, url, service in urls:
         try:
             host = (urlsplit(url).hostname or "").lower()
         except ValueError:
             host = ""
         hosts[variable] = host
-        if _is_commercetools(host) and commercetools_region(url) is None:
-            problems.append(
-                f"{variable} {display_url(url)} is not a regional URL; use "
-                f"https://{service}.<region>.commercetools.com, e.g. https://{service}.{_EXAMPLE_REGION}"
-                ".commercetools.com"
-            )
+        if _is_commercetools(host):
+            # The rule the settings apply, judged here on the value as written.
+            try:
+                commercetools_url(url, service)
+            except ValueError as exc:
+                problems.append(f"{variable} {display_url(url)}: {exc}")
     if problems:
         return fail(
             name,
@@ -383,7 +387,7 @@ def render_json(results: Sequence[CheckResult]) -> dict[str, Any]:
 async def run_checks(
     settings: Settings | None,
     raw: Mapping[str, str],
-    problems: Sequence[str],
+    problems: Sequence[Problem],
     unknown: Sequence[str] = (),
 ) -> list[CheckResult]:
     """Run every check. ``settings`` were loaded without the invalid variables (None if that failed too);
