@@ -508,12 +508,6 @@ class PushSource:
 
 async def open_source(settings: Settings, *, certs_url: str = GOOGLE_CERTS_URL) -> Source:
     """Start the push endpoint on PUSH_LISTEN; ``certs_url`` replaces Google's certificates (tests)."""
-    if settings.push_service_account is not None and settings.push_audience is None:
-        from consumer.app import UnsupportedSetting
-
-        raise UnsupportedSetting(
-            "PUSH_SERVICE_ACCOUNT: is checked only inside a verified token; set PUSH_AUDIENCE too"
-        )
     verifier = (
         OidcVerifier(settings.push_audience, settings.push_service_account, certs_url=certs_url)
         if settings.push_audience is not None

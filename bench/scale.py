@@ -34,7 +34,7 @@ from redisserver import RedisServer, _binary  # noqa: E402
 from adapters.state_redis import open_state_store  # noqa: E402
 from adapters.throttle_redis import open_throttle_store  # noqa: E402
 from consumer import audit  # noqa: E402
-from consumer.app import router, throttle_limits  # noqa: E402
+from consumer.cli.wiring import configured_limits, router  # noqa: E402
 from consumer.config import load_settings  # noqa: E402
 from consumer.dedupe import Deduplicator  # noqa: E402
 from consumer.pipeline import Pipeline, PipelineOptions  # noqa: E402
@@ -167,7 +167,7 @@ async def round_trips(
     }
     settings = load_settings(None, environ=environ, for_command="replay")
     state = await open_state_store(settings)
-    limits = throttle_limits(settings)
+    limits = configured_limits(settings)
     throttle_port = await open_throttle_store(settings, limits)
     sink = RecordingSink()
     pipeline = Pipeline(

@@ -16,8 +16,8 @@ import pytest
 from ctmockserver import CtProxy, project_key
 from hookserver import HookServer
 
-from consumer import checks
-from consumer.checks import Status
+from consumer.cli import checks
+from consumer.cli.checks import Status
 
 pytestmark = pytest.mark.integration
 
@@ -294,7 +294,7 @@ def test_exit_code_and_rendering() -> None:
 
 
 async def test_state_check_reports_redis_and_sqlite(redis_url: str, tmp_path: Path) -> None:
-    from consumer.checks import Status, _state_check
+    from consumer.cli.checks import Status, _state_check
     from consumer.config import load_settings
 
     answering = load_settings(environ={"CTSYNC_STATE_URL": redis_url}, for_command="check")

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import weakref
 
-from consumer import app
+from consumer.cli import lifecycle
 
 
 class Node:
@@ -16,8 +16,8 @@ class Node:
 
 async def test_cycles_are_collected_on_the_clock_and_settings_restored() -> None:
     before = gc.get_threshold()
-    async with app.garbage_collected_on_a_clock(interval=0.05):
-        assert gc.get_threshold() == app.GC_THRESHOLDS
+    async with lifecycle.garbage_collected_on_a_clock(interval=0.05):
+        assert gc.get_threshold() == lifecycle.GC_THRESHOLDS
         assert gc.get_freeze_count() > 0
         node = Node()
         gone = weakref.ref(node)

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from hookserver import HookServer
 
-from consumer import _operator_cli, cli
+from consumer.cli import operator as operator_cli
+from consumer.cli.run import FilteringSource, Progress
 from consumer.ports import Envelope, Fetched
 
 CTSYNC = [sys.executable, "-m", "consumer.cli"]
@@ -155,9 +156,9 @@ async def test_filtering_source_reads_past_filtered_pages_and_hands_them_back() 
     nacked: list[str] = []
     envelopes = [letter(r, old, nacked) for r in ("x1", "x2", "x3", "x4", "hook rejected p-1")]
     envelopes.append(letter("hook rejected p-2", started + timedelta(seconds=1), nacked))  # our own output
-    keep = _operator_cli._dead_letter_filter(("REJECTED",), None, None, started)
-    progress = cli._Progress("test")
-    source = cli._FilteringSource(ListSource(envelopes), keep, progress)
+    keep = operator_cli._dead_letter_filter(("REJECTED",), None, None, started)
+    progress = Progress("test")
+    source = FilteringSource(ListSource(envelopes), keep, progress)
     first = await source.fetch(10)
     # The first two pages held nothing to replay; the source read on instead of looking idle.
     assert [e.position for e in first.envelopes] == ["hook rejected p-1"]
@@ -170,11 +171,11 @@ async def test_filtering_source_reads_past_filtered_pages_and_hands_them_back() 
 
 def test_time_window_filter() -> None:
     started = datetime(2026, 1, 2, tzinfo=UTC)
-    keep = _operator_cli._dead_letter_filter(
+    keep = operator_cli._dead_letter_filter(
         (), started - timedelta(hours=2), started - timedelta(hours=1), started
     )
     assert keep(letter("a", started - timedelta(minutes=90), []))
     assert not keep(letter("a", started - timedelta(minutes=30), []))
     assert not keep(letter("a", started - timedelta(hours=3), []))
     assert not keep(Envelope(body=b"{}", position="plain payload, no time"))
-    assert _operator_cli._dead_letter_filter((), None, None, started)(Envelope(body=b"{}", position="plain"))
+    assert operator_cli._dead_letter_filter((), None, None, started)(Envelope(body=b"{}", position="plain"))

@@ -33,7 +33,7 @@ from google.auth import crypt, jwt
 from hookserver import Fault, HookServer
 
 from adapters import push
-from consumer import app
+from consumer.cli import wiring
 from consumer.config import load_settings
 
 pytestmark = pytest.mark.integration
@@ -205,7 +205,7 @@ async def service(
     settings = load_settings(environ=environ)
     source = await push.open_source(settings, certs_url=certs_url)
     assert isinstance(source, push.PushSource)
-    built = await app.build(settings, source, finite=False)
+    built = await wiring.build(settings, source, finite=False)
     stop = asyncio.Event()
     running = asyncio.create_task(built.pipeline.run(stop))
     try:

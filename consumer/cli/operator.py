@@ -8,30 +8,24 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from consumer import app
-from consumer.config import Problem, Settings, load_settings_with_problems, unknown_variables
-from consumer.ports import Envelope, Source
-from consumer.routing import ScopeMapError
-
-if TYPE_CHECKING:
-    pass
-from consumer.cli import (
+from consumer.cli import wiring
+from consumer.cli.run import FilteringSource, Progress, serve
+from consumer.cli.startup import (
     ENV_FILE,
     EXIT_FAILURE,
     EXIT_OK,
-    _config_failure,
-    _configure_stderr_audit,
-    _FilteringSource,
-    _Progress,
-    _serve_counted,
-    _settings,
-    _usage_failure,
-    main,
+    config_failure,
+    configure_stderr_audit,
+    settings_for,
+    usage_failure,
 )
+from consumer.config import Problem, Settings, load_settings_with_problems, unknown_variables
+from consumer.ports import Envelope, Source
+from consumer.routing import ScopeMapError
 
 # --- operator commands: check, subscription ensure, audit, dead-letters replay ---
 
@@ -55,21 +49,21 @@ def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[Probl
     return load_settings_with_problems(environ=values, for_command="check")
 
 
-@main.command()
+@click.command()
 @ENV_FILE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for tools) instead of lines.")
 def check(env_file: Path | None, as_json: bool) -> None:
     """Verify an installation: settings, region, token, scopes, project, hook, source. Exit 0 if all pass."""
     import orjson
 
-    from consumer import checks
+    from consumer.cli import checks
     from consumer.config import SECRET_VARIABLES
 
     if env_file is not None and not env_file.is_file():
-        _config_failure([f"--env-file: {env_file} does not exist or is not a file"])
+        config_failure([f"--env-file: {env_file} does not exist or is not a file"])
     values = _raw_values(env_file)
     settings, problems = _load_for_check(values)
-    _configure_stderr_audit(settings, [values[name] for name in SECRET_VARIABLES if name in values])
+    configure_stderr_audit(settings, [values[name] for name in SECRET_VARIABLES if name in values])
     unknown = unknown_variables(os.environ, env_file)
     results = asyncio.run(checks.run_checks(settings, values, problems, unknown))
     if as_json:
@@ -80,7 +74,7 @@ def check(env_file: Path | None, as_json: bool) -> None:
     sys.exit(checks.exit_code(results))
 
 
-@main.group()
+@click.group()
 def subscription() -> None:
     """Manage the commercetools Subscription that feeds ctsync."""
 
@@ -113,7 +107,7 @@ def _destination(
             "(the cluster API key and secret commercetools produces with)"
         )
     if problems:
-        _config_failure(problems)
+        config_failure(problems)
     assert settings.kafka_sasl_username is not None and settings.kafka_sasl_password is not None
     return confluent_destination(
         servers[0],
@@ -133,7 +127,7 @@ def _topic_of_subscription(settings: Settings) -> str:
         "attached to (or use --destination confluent)"
     )
     if settings.pubsub_subscription is None:
-        _config_failure([needed])
+        config_failure([needed])
     from adapters import pubsub
 
     async def read() -> str:
@@ -143,7 +137,7 @@ def _topic_of_subscription(settings: Settings) -> str:
     try:
         topic = asyncio.run(read())
     except (TimeoutError, ConnectionError, LookupError, OSError) as exc:
-        _config_failure([needed, str(exc) or "PUBSUB_SUBSCRIPTION: Pub/Sub did not answer within 30s"])
+        config_failure([needed, str(exc) or "PUBSUB_SUBSCRIPTION: Pub/Sub did not answer within 30s"])
     click.echo(f"Pub/Sub topic {topic} (the topic of {settings.pubsub_subscription})", err=True)
     return topic
 
@@ -184,17 +178,17 @@ def subscription_ensure(
 
     from consumer import subscription as sub
 
-    settings = _settings(env_file, "dry-run" if dry_run else "subscription ensure", log_to_stderr=True)
+    settings = settings_for(env_file, "dry-run" if dry_run else "subscription ensure", log_to_stderr=True)
     try:
-        types = list(app.router(settings).scope_map.types)
+        types = list(wiring.router(settings).scope_map.types)
         destination = _destination(settings, kind, pubsub_topic, kafka_topic, kafka_key)
         draft = sub.build_draft(
             types, destination, key=key, fmt="CloudEvents" if fmt == "CloudEvents" else "Platform"
         )
     except ScopeMapError as exc:
-        _config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in exc.problems])
+        config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in exc.problems])
     except sub.SubscriptionError as exc:
-        _config_failure([str(exc)])
+        config_failure([str(exc)])
     if dry_run:
         click.echo(orjson.dumps(sub.masked(draft), option=orjson.OPT_INDENT_2).decode())
         return
@@ -243,7 +237,7 @@ async def _ensure(settings: Settings, draft: dict[str, Any]) -> int:
     return EXIT_FAILURE if sub.is_broken(status) else EXIT_OK
 
 
-@main.command("audit")
+@click.command("audit")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @click.option("--resource", "resource_id", help="The whole story of a resource id.")
 @click.option("--message-key", help="The whole story of a message key.")
@@ -277,19 +271,19 @@ def audit_command(
         if value
     ]
     if len(chosen) > 1:
-        _usage_failure(f"give at most one of {', '.join(chosen)}")
+        usage_failure(f"give at most one of {', '.join(chosen)}")
     try:
         start = q.parse_bound(since) if since else None
         end = q.parse_bound(until) if until else None
     except ValueError as exc:
-        _usage_failure(f"--since/--until: {exc}")
+        usage_failure(f"--since/--until: {exc}")
     # Streamed: memory stays bounded whatever the logs' size; progress on stderr when it is a terminal.
     story_query = resource_id or message_key or correlation_id
     with contextlib.ExitStack() as stack:
         try:
             logs = q.open_logs(files, 3 if story_query else 1, stack)
         except OSError as exc:
-            _usage_failure(f"cannot read {exc.filename}: {exc.strerror}")
+            usage_failure(f"cannot read {exc.filename}: {exc.strerror}")
         progress = q.Progress(logs.total_bytes)
         if not story_query:
             counts, skipped = q.stream_counts(logs, start, end, progress)
@@ -329,7 +323,7 @@ def audit_command(
             click.echo(f"({skipped} lines were not audit events)", err=True)
 
 
-@main.group("dead-letters")
+@click.group("dead-letters")
 def dead_letters() -> None:
     """Work with dead letters after a fix."""
 
@@ -448,9 +442,9 @@ def dead_letters_replay(
             except ValueError as exc:
                 raise ValueError(f"--failed-to: {exc}") from None
     except ValueError as exc:
-        _usage_failure(f"{exc}")
+        usage_failure(f"{exc}")
     if kind == "file" and not Path(name).is_file():
-        _usage_failure(f"{location}: no such file")
+        usage_failure(f"{location}: no such file")
     configured = _raw_values(env_file).get("CTSYNC_DEAD_LETTER_URL", DEFAULT_DEAD_LETTER_URL).strip()
     try:
         configured_is_file = parse_dead_letter_url(configured).kind == "file"
@@ -459,11 +453,11 @@ def dead_letters_replay(
     try:
         target = _failed_again_target(failed_to, kind, name, configured, configured_is_file)
     except ValueError as exc:
-        _usage_failure(f"{exc}")
+        usage_failure(f"{exc}")
     # Through the environment, so the target is loaded and checked like the setting it stands for.
     os.environ["CTSYNC_DEAD_LETTER_URL"] = target
-    settings = _settings(env_file, "dead-letters replay")
-    progress = _Progress("dead letters")
+    settings = settings_for(env_file, "dead-letters replay")
+    progress = Progress("dead letters")
     started = datetime.now(UTC)
     keep = _dead_letter_filter(reasons, start, end, started)
     opened: list[Source] = []
@@ -487,17 +481,16 @@ def dead_letters_replay(
                 inner = pulled
                 if pulled.topic is not None and target == f"pubsub://{pulled.topic}":
                     await pulled.close()
-                    _usage_failure(
+                    usage_failure(
                         f"--failed-to: {target} is the topic {name} is attached to; give another target"
                     )
         except LookupError as exc:
             raise ConnectionError(str(exc)) from None
         opened.append(inner)
-        return _FilteringSource(inner, keep, progress)
+        return FilteringSource(inner, keep, progress)
 
-    code, counts = asyncio.run(
-        _serve_counted(settings, open_source, command="dead-letters replay", finite=True)
-    )
+    outcome = asyncio.run(serve(settings, open_source, command="dead-letters replay", finite=True))
+    code, counts = outcome.code, outcome.counts
     filters = [f"reason contains {' or '.join(map(repr, reasons))}"] if reasons else []
     filters += [f"since {start.isoformat()}"] if start else []
     filters += [f"until {end.isoformat()}"] if end else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -13,29 +13,28 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from consumer import app, audit
+from consumer import audit
 from consumer import backfill as bf
-from consumer.config import Settings
-from consumer.pipeline import SinkUnusable
-from consumer.ports import Claim, HookResponse, StateStore, StateView
-from consumer.routing import Notification, ScopeMapError
-
-if TYPE_CHECKING:
-    from adapters.commercetools import CommercetoolsClient
-from consumer.cli import (
+from consumer.cli import wiring
+from consumer.cli.lifecycle import build_or_report, run_app
+from consumer.cli.startup import (
     ENV_FILE,
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
-    SignalStop,
-    _config_failure,
-    _describe_runtime,
-    _settings,
-    _usage_failure,
-    main,
+    config_failure,
+    describe_error,
+    settings_for,
+    usage_failure,
 )
+from consumer.config import Settings
+from consumer.dry_run import ReadOnlyStateStore
+from consumer.ports import HookResponse, Sink, StateStore, ThrottleStore
+from consumer.routing import Notification, ScopeMapError
+from consumer.throttle import LocalThrottleStore, ThrottleLimits
 
-# --- initial load and reconciliation: backfill, reconcile ---
+if TYPE_CHECKING:
+    from adapters.commercetools import CommercetoolsClient
 
 TYPES_OPTION = click.option(
     "--type",
@@ -75,7 +74,7 @@ def _as_option(default: str) -> Callable[[Callable[..., None]], Callable[..., No
     )
 
 
-@main.command()
+@click.command()
 @ENV_FILE
 @TYPES_OPTION
 @click.option(
@@ -105,7 +104,7 @@ def backfill(
     _sweep_command(env_file, "backfill", types, since, until, as_, budget_share, dry_run, restart)
 
 
-@main.command()
+@click.command()
 @ENV_FILE
 @TYPES_OPTION
 @click.option(
@@ -150,15 +149,15 @@ def _sweep_command(
         start = parse_bound(since) if since else None
         end = parse_bound(until) if until else None
     except ValueError as exc:
-        _usage_failure(f"--since/--until: {exc}")
+        usage_failure(f"--since/--until: {exc}")
     if start is not None and end is not None and start >= end:
-        _usage_failure("--since must be before --until")
+        usage_failure("--since must be before --until")
     # A dry run prints what would be notified on stdout, so the audit log goes to stderr.
-    settings = _settings(env_file, command, log_to_stderr=dry_run)
+    settings = settings_for(env_file, command, log_to_stderr=dry_run)
     try:
-        routed = app.router(settings).scope_map.types
+        routed = wiring.router(settings).scope_map.types
     except ScopeMapError as exc:
-        _config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in exc.problems])
+        config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in exc.problems])
     wanted = [t.strip() for group in types for t in group.split(",") if t.strip()]
     if wanted:
         problems = [
@@ -204,58 +203,6 @@ class _PrintSink:
         return None
 
 
-class _ReadOnlyState:
-    """The dry run's state: the real delivered state is read (so it shows what would really be skipped) and
-    never written."""
-
-    def __init__(self, inner: StateStore) -> None:
-        self.inner = inner
-
-    async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
-        return await self.inner.lookup(message_keys, resource_keys)
-
-    async def record_delivered(
-        self,
-        message_keys: Collection[str],
-        watermarks: Mapping[str, int],
-        ttl_seconds: float,
-        *,
-        holder: str = "",
-        release: Collection[str] = (),
-    ) -> None:
-        return None
-
-    async def claim(
-        self,
-        holder: str,
-        ranks: Mapping[str, int],
-        message_keys: Collection[str],
-        lease_seconds: float,
-        attempt_seconds: float,
-    ) -> Claim:
-        # A dry run claims nothing (it writes no state) and sends nothing, so it waits for nobody.
-        return Claim(frozenset(), await self.inner.lookup(message_keys, ranks))
-
-    async def release_claims(
-        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
-    ) -> None:
-        return None
-
-    async def extend_claims(
-        self, holder: str, resource_keys: Collection[str], lease_seconds: float
-    ) -> frozenset[str]:
-        return frozenset()
-
-    async def close(self) -> None:
-        return None
-
-
-def _first_error(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
 async def _subscription_health(client: CommercetoolsClient) -> None:
     from adapters.commercetools import CommercetoolsError
 
@@ -276,14 +223,14 @@ async def _sweep(settings: Settings, plan: _SweepPlan) -> int:
     try:
         client = CommercetoolsClient.from_settings(settings)
     except ValueError as exc:
-        _config_failure([str(exc)])
+        config_failure([str(exc)])
     try:
         if plan.command == "reconcile":
             await _subscription_health(client)
         try:
             cursors = await open_cursor_store(settings)
         except (OSError, ImportError) as exc:
-            click.echo(f"ctsync: cannot open the cursor store: {_describe_runtime(exc)}", err=True)
+            click.echo(f"ctsync: cannot open the cursor store: {describe_error(exc)}", err=True)
             return EXIT_FAILURE
         try:
             return await _sweep_with(settings, plan, client, cursors, log)
@@ -297,8 +244,6 @@ async def _sweep_with(
     settings: Settings, plan: _SweepPlan, client: CommercetoolsClient, cursors: bf.CursorStore, log: Any
 ) -> int:
     from adapters.backfill import BackfillSource
-    from consumer.dedupe import Deduplicator
-    from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
 
     key = bf.run_key(plan.command, plan.mode, plan.since, plan.until)
     source = BackfillSource(
@@ -324,39 +269,33 @@ async def _sweep_with(
         return EXIT_OK
     for type_id, cursor in source.resumed.items():
         click.echo(f"{plan.command}: resuming {type_id} after id {cursor}", err=True)
-    try:
-        built = await app.build(settings, source, finite=True)
-    except (app.UnsupportedSetting, ScopeMapError) as exc:
-        await source.close()
-        problems = getattr(exc, "problems", None)
-        _config_failure([f"IPAAS_SCOPE_MAP: {p}" for p in problems] if problems else [str(exc)])
-    except OSError as exc:
-        await source.close()
-        click.echo(f"ctsync: {_describe_runtime(exc)}", err=True)
-        return EXIT_FAILURE
-    pipeline = built.pipeline
     if plan.dry_run:
         limits = ThrottleLimits(limit=1_000_000, window_seconds=1.0, connections=10, batch_executions=10)
-        pipeline.throttle = Throttle(LocalThrottleStore(limits), limits)
-        pipeline.sink = _PrintSink()
-        dedupe = pipeline.deduplicator
-        pipeline.deduplicator = Deduplicator(_ReadOnlyState(dedupe.store), dedupe.ttl_seconds)
+        throttle: ThrottleStore = LocalThrottleStore(limits)
+        state: StateStore | None = ReadOnlyStateStore(await wiring.state_store(settings))
+        sink: Sink | None = _PrintSink()
     else:
-        limits = bf.share_limits(app.throttle_limits(settings), plan.share)
-        pipeline.throttle = Throttle(bf.ShareThrottleStore(pipeline.throttle.store, limits), limits)
+        limits = bf.share_limits(wiring.configured_limits(settings), plan.share)
+        throttle = bf.ShareThrottleStore(await wiring.throttle_store(settings), limits)
+        state = sink = None
+    built = await build_or_report(
+        settings,
+        source,
+        command=plan.command,
+        finite=True,
+        sink=sink,
+        state=state,
+        throttle=throttle,
+        throttle_limits=limits,
+    )
+    if built is None:
+        return EXIT_FAILURE
+    pipeline = built.pipeline
     ceiling = 0.0 if plan.dry_run else bf.ceiling_per_minute(limits, settings.ipaas_batch_size)
 
     started = time.monotonic()
     summary = settings.summary()
     summary["dry_run"] = plan.dry_run or bool(summary.get("dry_run"))
-    log.info(
-        audit.SERVICE_STARTED,
-        command=plan.command,
-        source=source.name,
-        types=plan.types,
-        budget_share=plan.share,
-        **summary,
-    )
 
     def line() -> str:
         return bf.progress_line(
@@ -370,38 +309,22 @@ async def _sweep_with(
         )
 
     progress = asyncio.ensure_future(_draw_progress(line)) if sys.stderr.isatty() else None
-    code, error = EXIT_OK, None
-    signals = SignalStop(pipeline)
-    try:
-        with signals:
-            async with app.garbage_collected_on_a_clock():
-                await pipeline.run(signals.stop)
-    except SinkUnusable as exc:
-        code, error = EXIT_FAILURE, str(exc)
-    except Exception as exc:
-        first = _first_error(exc)
-        code, error = EXIT_FAILURE, f"{type(first).__name__}: {first}"
-    finally:
+
+    async def stop_progress() -> None:
         if progress is not None:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
             sys.stderr.write("\r\x1b[K")
-        await built.aclose()
-    elapsed = time.monotonic() - started
-    counts = pipeline.counts.as_dict()
-    fields: dict[str, Any] = {
-        "command": plan.command,
-        "duration_s": round(elapsed, 3),
-        "signal": signals.first,
-        "pages": source.counts.pages,
-        "resources": source.counts.resources,
-        **counts,
-    }
-    if error is not None:
-        log.error(audit.SERVICE_STOPPED, error=error, **fields)
-        click.echo(f"ctsync: {error}", err=True)
-    else:
-        log.info(audit.SERVICE_STOPPED, **fields)
+
+    outcome = await run_app(
+        built,
+        command=plan.command,
+        source_name=source.name,
+        started_fields={"types": plan.types, "budget_share": plan.share, **summary},
+        stopped_fields=lambda: {"pages": source.counts.pages, "resources": source.counts.resources},
+        on_close=stop_progress,
+    )
+    code, elapsed, counts = outcome.code, outcome.elapsed, outcome.counts
     lines = bf.summary_lines(
         types=plan.types,
         counts=source.counts,
@@ -410,7 +333,7 @@ async def _sweep_with(
         elapsed=elapsed,
         ceiling_per_min=ceiling,
     )
-    for text in lines + app.summary_lines(counts)[1:]:
+    for text in lines + wiring.summary_lines(counts)[1:]:
         click.echo(text, err=True)
     complete = [t for t, tracker in source.trackers.items() if tracker.complete] + source.already_complete
     left = [t for t in plan.types if t not in complete]

@@ -508,7 +508,7 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
         why = f"{', '.join(missing)} not set or not valid" if missing else "fix the region check first"
         return [skip(name, f"not run: {why}") for name in ("token", "scopes", "operator-scopes", "project")]
     from adapters.commercetools import CommercetoolsClient, CommercetoolsError
-    from consumer import app
+    from consumer.cli import wiring
 
     project_key = str(settings.ctp_project_key)
     results: list[CheckResult] = []
@@ -521,7 +521,7 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
             return results
         results.append(ok("token", f"token exchange with {display_url(str(settings.ctp_auth_url))} works"))
         try:
-            routed = list(app.router(settings).scope_map.types)
+            routed = list(wiring.router(settings).scope_map.types)
         except ValueError as exc:  # a broken IPAAS_SCOPE_MAP; the settings check names it
             results.append(
                 fail("scopes", f"cannot read the scope map: {exc}", "fix IPAAS_SCOPE_MAP", config=True)

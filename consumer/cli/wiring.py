@@ -1,17 +1,19 @@
-"""Wiring: build a Pipeline and its adapters from Settings. The one place that knows every adapter.
+"""Wiring: build a Pipeline and its adapters from Settings. The only module that imports adapters.
 
-Adapters are imported lazily so the core stays free of broker and HTTP libraries until a command runs.
+Configuration flows one way: Settings -> the options each adapter takes -> the adapter. Parts can be passed
+in (a sink, a state store, a throttle store), so a command that needs a different part says so when it
+builds, instead of patching a built pipeline. Adapters are imported when used, so a command pays only for
+the broker and HTTP libraries it touches.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from consumer import audit
 from consumer.config import Settings
@@ -22,36 +24,11 @@ from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleSto
 from consumer.routing import Router, ScopeMap, load_scope_map
 from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
 
-# With CPython's default thresholds (700, 10, 10) the collector ran so often over the envelopes in flight
-# that it took about 40 % of the time per payload (bench/pipeline.py). The core makes no reference cycles,
-# but httpx leaves one per hook request (a response and its stream), holding the request body: so automatic
-# collections are made rare, and a full collection runs on a clock instead, which bounds that garbage by
-# time (at most one interval's requests) rather than by allocation counts.
-GC_THRESHOLDS = (50_000, 50, 1_000)
-GC_INTERVAL_SECONDS = 1.0
 
+class Serving(Protocol):
+    """Something serving in the background until closed (the HTTP endpoints)."""
 
-@asynccontextmanager
-async def garbage_collected_on_a_clock(interval: float = GC_INTERVAL_SECONDS) -> AsyncIterator[None]:
-    """Within the block: start-up objects are frozen out of collections, automatic collections are rare,
-    and a full collection runs every ``interval`` seconds. The collector's settings are restored after."""
-    previous = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    collector = asyncio.create_task(_collect_every(interval), name="ctsync-gc")
-    try:
-        yield
-    finally:
-        collector.cancel()
-        gc.set_threshold(*previous)
-        gc.unfreeze()
-
-
-async def _collect_every(interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        gc.collect()
+    async def close(self) -> None: ...
 
 
 # Sources whose acks change what the stream delivers next (the names their adapters give them).
@@ -62,7 +39,7 @@ class UnsupportedSetting(ValueError):
     """A valid setting this build cannot serve yet; the message names the variable."""
 
 
-def throttle_limits(settings: Settings) -> ThrottleLimits:
+def configured_limits(settings: Settings) -> ThrottleLimits:
     return ThrottleLimits(
         limit=settings.ipaas_throttle_limit,
         window_seconds=float(settings.ipaas_throttle_seconds),
@@ -105,8 +82,8 @@ async def throttle_store(settings: Settings) -> ThrottleStore:
     if settings.state.kind == "redis":
         from adapters.throttle_redis import open_throttle_store
 
-        return await open_throttle_store(settings, throttle_limits(settings), check=False)
-    return LocalThrottleStore(throttle_limits(settings))
+        return await open_throttle_store(settings, configured_limits(settings), check=False)
+    return LocalThrottleStore(configured_limits(settings))
 
 
 async def dead_letter_sink(settings: Settings) -> DeadLetterSink:
@@ -130,7 +107,7 @@ async def dead_letter_sink(settings: Settings) -> DeadLetterSink:
     )
 
 
-def sink(settings: Settings) -> Sink:
+def configured_sink(settings: Settings) -> Sink:
     if settings.ctsync_dry_run or settings.ipaas_hook_url is None:
         log = audit.get_logger("ctsync.dry_run")
         return DryRunSink(lambda **fields: log.info("dry_run.would_send", **fields))
@@ -171,8 +148,19 @@ async def configured_source(settings: Settings, *, follow: bool = False) -> Sour
     if spec.kind == "push":
         from adapters import push
 
+        if settings.push_service_account is not None and settings.push_audience is None:
+            raise UnsupportedSetting(
+                "PUSH_SERVICE_ACCOUNT: is checked only inside a verified token; set PUSH_AUDIENCE too"
+            )
         return await push.open_source(settings)
     raise UnsupportedSetting(f"CTSYNC_SOURCE: the {spec.kind} source is not supported by this build yet")
+
+
+async def open_endpoints(settings: Settings, pipeline: Pipeline, source: Source) -> Serving:
+    """Serve /healthz, /readyz and /metrics for a long-lived run (raise OSError if the port is taken)."""
+    from adapters.endpoints import open_endpoints as open_http
+
+    return await open_http(settings.http_listen, pipeline, source)
 
 
 async def closing_within(close: Callable[[], Awaitable[None]], seconds: float, what: str) -> None:
@@ -195,8 +183,21 @@ class App:
         await self.resources.aclose()
 
 
-async def build(settings: Settings, source: Source, *, finite: bool) -> App:
-    """Build the pipeline for ``source``; ``finite`` runs (replay) give up on a hook that refuses the key."""
+async def build(
+    settings: Settings,
+    source: Source,
+    *,
+    finite: bool,
+    sink: Sink | None = None,
+    state: StateStore | None = None,
+    throttle: ThrottleStore | None = None,
+    throttle_limits: ThrottleLimits | None = None,
+) -> App:
+    """Build the pipeline for ``source``; ``finite`` runs (replay) give up on a hook that refuses the key.
+
+    ``sink``, ``state``, ``throttle`` (with its ``throttle_limits``) replace the configured parts; the
+    pipeline closes them as its own.
+    """
     resources = AsyncExitStack()
     # A dry run on a stream (broker or push) must leave it as it found it: nothing acked, nothing recorded.
     # A file has nothing to ack, and recording keeps `make run` twice showing dedupe at work.
@@ -208,16 +209,16 @@ async def build(settings: Settings, source: Source, *, finite: bool) -> App:
         resources.push_async_callback(
             closing_within, source.close, settings.ctsync_drain_timeout_seconds, "source"
         )
-        limits = throttle_limits(settings)
-        throttle_port = await throttle_store(settings)
+        limits = throttle_limits or configured_limits(settings)
+        throttle_port = throttle or await throttle_store(settings)
         resources.push_async_callback(throttle_port.close)
-        store = await state_store(settings)
+        store = state or await state_store(settings)
         if hands_back:
             store = ReadOnlyStateStore(store)
         resources.push_async_callback(store.close)
         letters = await dead_letter_sink(settings)
         resources.push_async_callback(letters.close)
-        hook = sink(settings)
+        hook = sink or configured_sink(settings)
         resources.push_async_callback(hook.close)
         pipeline = Pipeline(
             source=source,
