@@ -19,8 +19,8 @@ from functools import partial
 from typing import Any
 
 from consumer import audit
-from consumer import backfill as bf
-from consumer.ports import Envelope, Fetched
+from consumer import sweep as bf
+from consumer.ports import CursorStore, Envelope, Fetched
 
 # (resource path, where, limit) -> pages of resources sorted by id: ``CommercetoolsClient.query_pages``.
 PageReader = Callable[[str, str | None, int], AsyncIterator[list[dict[str, Any]]]]
@@ -38,7 +38,7 @@ class BackfillSource:
         *,
         project_key: str,
         mode: bf.Mode,
-        cursors: bf.CursorStore,
+        cursors: CursorStore,
         key: str,
         since: datetime | None = None,
         until: datetime | None = None,

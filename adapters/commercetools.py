@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -27,6 +26,7 @@ import orjson
 from adapters._text import USER_AGENT, Secret, one_line
 from consumer.audit import redact
 from consumer.config import Settings
+from consumer.retry import backoff_delay as backoff
 
 DEFAULT_TIMEOUT: Final = 30.0
 # Retry budget for 502/503/429 and connection failures: about 10 s of waiting in all with the defaults.
@@ -129,12 +129,6 @@ def _encodable(text: str, codec: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
-    """Return the wait before retry ``attempt`` (1, 2, ...): exponential, capped, with equal jitter."""
-    ceiling = min(cap, base * 2.0 ** (attempt - 1))
-    return ceiling / 2 + rand() * ceiling / 2
 
 
 class TokenManager:

@@ -1,4 +1,4 @@
-"""Where sweep cursors live between runs (``consumer.backfill.CursorStore``), next to the dedupe state.
+"""Where sweep cursors live between runs (``consumer.sweep.CursorStore``), next to the dedupe state.
 
 - ``memory://`` state: ``MemoryCursorStore`` (a dict; a restarted sweep starts over, dedupe still skips what
   was delivered);
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from adapters.state_redis import RedisGuard
-    from consumer.backfill import CursorStore
     from consumer.config import Settings
+    from consumer.ports import CursorStore
 
 _T = TypeVar("_T")
 

@@ -28,8 +28,7 @@ import httpx
 import orjson
 
 from adapters._text import USER_AGENT, Secret, one_line
-from consumer.audit import redact
-from consumer.config import display_url
+from consumer.audit import display_url, redact
 from consumer.ports import HookResponse
 from consumer.routing import Notification
 

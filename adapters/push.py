@@ -45,6 +45,7 @@ from adapters._http_server import EmbeddedServer, guarded_protocol, listen_socke
 from consumer import audit
 from consumer.config import ListenAddress, Settings
 from consumer.ports import Envelope, Fetched, Source
+from consumer.retry import backoff_delay
 
 GOOGLE_CERTS_URL: Final = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS: Final = frozenset({"accounts.google.com", "https://accounts.google.com"})
@@ -239,8 +240,8 @@ class OidcVerifier:
         except CertificatesUnavailable as exc:
             self._failures += 1
             self._failure = str(exc)
-            backoff = CERTS_RETRY_FIRST_SECONDS * 2.0 ** (self._failures - 1)
-            self._next_attempt = time.monotonic() + min(backoff, CERTS_RETRY_CAP_SECONDS)
+            wait = backoff_delay(self._failures, CERTS_RETRY_FIRST_SECONDS, CERTS_RETRY_CAP_SECONDS)
+            self._next_attempt = time.monotonic() + wait
         else:
             self._failures, self._failure, self._next_attempt = 0, "", 0.0
 

@@ -27,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from consumer.config import display_url
+from consumer.audit import display_url
 from consumer.ports import Claim, StateView
 
 if TYPE_CHECKING:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, BinaryIO, Final
+from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -82,6 +83,18 @@ _CREDENTIAL_AFTER_SCHEME = re.compile(
 # match inside field names or JSON syntax, so they are scrubbed from each string value before rendering.
 _RENDERED_SCRUB_LENGTH = 8
 _process_secrets: tuple[str, ...] = ()
+
+
+def display_url(value: str) -> str:
+    """Return ``value`` without userinfo, query and fragment, the parts that may carry credentials."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "<unparseable URL>"
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return value
+    # Rebuilt by hand: urlunsplit drops the "//" of an empty host, turning sqlite:///x into sqlite:/x.
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def redact(text: str, secrets: Iterable[str] | None = None) -> str:

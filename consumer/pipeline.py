@@ -27,6 +27,7 @@ from consumer.dedupe import Deduplicator, Verdict, rank_version
 from consumer.messages import ChangeEvent, InvalidMessage, parse
 from consumer.outbox import NO_RANK, Covered, Outbox, PendingNotification, should_send
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, HookResponse, Sink, Source
+from consumer.retry import backoff_delay
 from consumer.routing import Action, Ignored, Router
 from consumer.throttle import Throttle
 
@@ -59,12 +60,6 @@ def classify(status: int | None) -> Outcome:
         # 401/403 (key refused), 404/405/410 (wrong URL): retrying faster or dead-lettering cannot help.
         return Outcome.UNUSABLE
     return Outcome.RETRY
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
-    """Return the wait before retry ``attempt`` (1, 2, ...): exponential, capped, with equal jitter."""
-    ceiling = min(cap, base * 2.0 ** (attempt - 1))
-    return ceiling / 2 + rand() * ceiling / 2
 
 
 class SinkUnusable(RuntimeError):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import random
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from consumer import audit
 from consumer.ports import Slot, ThrottleStore
+from consumer.retry import backoff_delay
 
 _T = TypeVar("_T")
 
@@ -335,8 +336,7 @@ class Throttle:
     def _store_failed(self, operation: str, exc: Exception) -> float:
         """Record a store failure; return how long to wait before trying again (backoff with jitter)."""
         self._store_failures += 1
-        ceiling = min(self.retry_cap, 0.5 * 2.0 ** min(self._store_failures - 1, 16))
-        delay = ceiling / 2 + random.random() * ceiling / 2
+        delay = backoff_delay(self._store_failures, 0.5, self.retry_cap)
         self.store_problem = f"{operation}: {type(exc).__name__}: {exc}"
         self.log.warning(
             audit.STATE_RETRYING,
@@ -381,3 +381,80 @@ async def _complete(awaitable: Awaitable[_T]) -> tuple[_T, asyncio.CancelledErro
             if task.cancelled():
                 raise
             cancellation = error
+
+
+# A sweep's share of the budget (backfill, reconcile).
+
+
+def share_limits(limits: ThrottleLimits, share: float) -> ThrottleLimits:
+    """Return the part of ``limits`` a sweep may use: ``floor(limit * share)`` requests per window (at least
+    one) and as large a part of the concurrency limits (at least one each)."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError("the budget share must be above 0 and at most 1")
+    return ThrottleLimits(
+        limit=max(1, math.floor(limits.limit * share)),
+        window_seconds=limits.window_seconds,
+        connections=max(1, math.floor(limits.connections * share)),
+        batch_executions=max(1, math.floor(limits.batch_executions * share)),
+    )
+
+
+class ShareThrottleStore:
+    """A ``ThrottleStore`` that holds its user to a share of the budget of another ``ThrottleStore``.
+
+    A slot is first taken from a local ledger with the share's limits, then from the inner store (the whole
+    subscription's budget: in process, or shared through Redis with ``ctsync run``). So the sweep alone never
+    uses more than its share, and the sweep and live traffic together stay within the whole limit.
+
+    When the inner store refuses, the local slot is kept as a reservation for the next attempt rather than
+    given back: releasing a request slot counts a window place for a whole window, which a request that never
+    happened must not cost. (A reservation left by a waiter that was cancelled is taken by the next one.)
+    """
+
+    def __init__(
+        self,
+        inner: ThrottleStore,
+        limits: ThrottleLimits,
+        *,
+        close_inner: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.limits = limits
+        self.ledger = ThrottleLedger(limits)
+        self.clock = clock
+        self._close_inner = close_inner
+        self._reserved: dict[tuple[Slot, str], int] = {}
+
+    async def try_acquire(self, slot: Slot, holder: str) -> float:
+        """Take a slot of the share, then of the whole budget; return 0.0 or seconds to wait."""
+        key = (slot, holder)
+        if self._reserved.get(key, 0) == 0:
+            hint = self.ledger.try_acquire(slot, holder, self.clock())
+            if hint > 0.0:
+                return hint
+            self._reserved[key] = self._reserved.get(key, 0) + 1
+        hint = await self.inner.try_acquire(slot, holder)
+        if hint > 0.0:
+            return hint
+        self._reserved[key] -= 1
+        return 0.0
+
+    async def release(self, slot: Slot, holder: str) -> None:
+        try:
+            await self.inner.release(slot, holder)
+        finally:
+            self.ledger.release(slot, holder, self.clock())
+
+    async def pause(self, seconds: float) -> None:
+        self.ledger.pause(seconds, self.clock())
+        await self.inner.pause(seconds)
+
+    async def close(self) -> None:
+        if self._close_inner:
+            await self.inner.close()
+
+
+def ceiling_per_minute(limits: ThrottleLimits, batch_size: int) -> float:
+    """Return the most notifications per minute ``limits`` let through at ``batch_size`` per request."""
+    return limits.limit * batch_size * 60.0 / limits.window_seconds

@@ -11,7 +11,9 @@ import pytest
 
 from adapters.backfill import BackfillSource
 from adapters.cursor_store import MemoryCursorStore, SqliteCursorStore
-from consumer import backfill as bf
+from consumer import sweep as bf
+from consumer import throttle
+from consumer.cli import sweep_text
 from consumer.messages import ChangeEvent, NotificationType, parse
 from consumer.ports import Slot
 from consumer.routing import Route, Router, scope_map_from_dict
@@ -132,12 +134,12 @@ def test_run_key_depends_on_command_mode_and_bounds() -> None:
 
 def test_share_limits_floor_with_a_minimum_of_one() -> None:
     limits = ThrottleLimits(limit=5, window_seconds=60, connections=5, batch_executions=1)
-    share = bf.share_limits(limits, 0.5)
+    share = throttle.share_limits(limits, 0.5)
     assert (share.limit, share.connections, share.batch_executions) == (2, 2, 1)
-    assert bf.share_limits(limits, 1.0) == limits
+    assert throttle.share_limits(limits, 1.0) == limits
     with pytest.raises(ValueError):
-        bf.share_limits(limits, 0.0)
-    assert bf.ceiling_per_minute(ThrottleLimits(10, 2.0, 5, 5), 100) == 30_000
+        throttle.share_limits(limits, 0.0)
+    assert throttle.ceiling_per_minute(ThrottleLimits(10, 2.0, 5, 5), 100) == 30_000
 
 
 class Clock:
@@ -152,7 +154,7 @@ async def test_share_store_keeps_the_sweep_to_its_share_of_the_window() -> None:
     clock = Clock()
     full = ThrottleLimits(limit=10, window_seconds=2.0, connections=10, batch_executions=10)
     inner = LocalThrottleStore(full, clock=clock)
-    store = bf.ShareThrottleStore(inner, bf.share_limits(full, 0.5), clock=clock)
+    store = throttle.ShareThrottleStore(inner, throttle.share_limits(full, 0.5), clock=clock)
     granted = 0
     for _ in range(20):
         if await store.try_acquire(Slot.REQUEST, "sweep") == 0.0:
@@ -170,7 +172,7 @@ async def test_share_store_waits_for_the_whole_budget_without_wasting_window_pla
     clock = Clock()
     full = ThrottleLimits(limit=4, window_seconds=1.0, connections=10, batch_executions=10)
     inner = LocalThrottleStore(full, clock=clock)
-    store = bf.ShareThrottleStore(inner, bf.share_limits(full, 0.5), clock=clock)
+    store = throttle.ShareThrottleStore(inner, throttle.share_limits(full, 0.5), clock=clock)
     for _ in range(4):  # live traffic fills the whole window
         assert await inner.try_acquire(Slot.REQUEST, "live") == 0.0
     assert await store.try_acquire(Slot.REQUEST, "sweep") > 0.0
@@ -187,7 +189,7 @@ async def test_share_store_waits_for_the_whole_budget_without_wasting_window_pla
 
 
 def test_subscription_report_warns_for_dropping_statuses() -> None:
-    lines = bf.subscription_report(
+    lines = sweep_text.subscription_report(
         [
             {"key": "ok", "destination": {"type": "GoogleCloudPubSub"}, "status": "Healthy"},
             {"key": "stopped", "destination": {"type": "ConfluentCloud"}, "status": "ManuallySuspended"},
@@ -196,11 +198,11 @@ def test_subscription_report_warns_for_dropping_statuses() -> None:
     assert lines[0] == ("subscription ok: destination GoogleCloudPubSub, status Healthy", False)
     assert lines[1] == ("subscription stopped: destination ConfluentCloud, status ManuallySuspended", False)
     assert lines[2][1] and "drops" in lines[2][0]
-    assert bf.subscription_report([]) == [("no subscriptions in this project", True)]
+    assert sweep_text.subscription_report([]) == [("no subscriptions in this project", True)]
 
 
 def test_progress_line_is_honest_about_the_unknown_total() -> None:
-    line = bf.progress_line(
+    line = sweep_text.progress_line(
         type_id="product",
         counts=bf.SweepCounts(pages=3, resources=1500),
         types_total=4,

@@ -392,8 +392,9 @@ async def test_one_fetch_at_a_time_and_none_during_the_backoff(
 ) -> None:
     """Nothing fetched yet and Google hanging, then failing: ten pushes share one fetch and get 503; ten
     more during the backoff get 503 at once without a fetch; once Google answers, pushes are delivered."""
-    # A longer first backoff than the default 1 s, so that a loaded machine cannot outlast it mid-test.
-    monkeypatch.setattr(push, "CERTS_RETRY_FIRST_SECONDS", 4.0)
+    # A longer first backoff than the default 1 s (4-8 s with its jitter), so that a loaded machine cannot
+    # outlast it mid-test.
+    monkeypatch.setattr(push, "CERTS_RETRY_FIRST_SECONDS", 8.0)
     key, certs = google
     certs.mode = "hang"
     async with service(hook_server, tmp_path, certs.url) as svc:

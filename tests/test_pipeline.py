@@ -9,8 +9,9 @@ import orjson
 
 from adapters.state_memory import MemoryStateStore
 from consumer.dedupe import Deduplicator
-from consumer.pipeline import Outcome, Pipeline, PipelineOptions, backoff_delay, classify
+from consumer.pipeline import Outcome, Pipeline, PipelineOptions, classify
 from consumer.ports import HookResponse
+from consumer.retry import backoff_delay
 from consumer.routing import Router
 from consumer.testing import ListSource, MemoryDeadLetters, RecordingSink
 from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits

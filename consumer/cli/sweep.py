@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from consumer import audit
-from consumer import backfill as bf
-from consumer.cli import wiring
+from consumer import sweep as bf
+from consumer.cli import sweep_text, wiring
 from consumer.cli.lifecycle import build_or_report, run_app
 from consumer.cli.startup import (
     ENV_FILE,
@@ -29,9 +29,15 @@ from consumer.cli.startup import (
 )
 from consumer.config import Settings
 from consumer.dry_run import ReadOnlyStateStore
-from consumer.ports import HookResponse, Sink, StateStore, ThrottleStore
+from consumer.ports import CursorStore, HookResponse, Sink, StateStore, ThrottleStore
 from consumer.routing import Notification, ScopeMapError
-from consumer.throttle import LocalThrottleStore, ThrottleLimits
+from consumer.throttle import (
+    LocalThrottleStore,
+    ShareThrottleStore,
+    ThrottleLimits,
+    ceiling_per_minute,
+    share_limits,
+)
 
 if TYPE_CHECKING:
     from adapters.commercetools import CommercetoolsClient
@@ -211,7 +217,7 @@ async def _subscription_health(client: CommercetoolsClient) -> None:
     except CommercetoolsError as exc:
         click.echo(f"warning: cannot read the subscriptions' health: {exc}", err=True)
         return
-    for line, _warning in bf.subscription_report(found):
+    for line, _warning in sweep_text.subscription_report(found):
         click.echo(line, err=True)
 
 
@@ -241,7 +247,7 @@ async def _sweep(settings: Settings, plan: _SweepPlan) -> int:
 
 
 async def _sweep_with(
-    settings: Settings, plan: _SweepPlan, client: CommercetoolsClient, cursors: bf.CursorStore, log: Any
+    settings: Settings, plan: _SweepPlan, client: CommercetoolsClient, cursors: CursorStore, log: Any
 ) -> int:
     from adapters.backfill import BackfillSource
 
@@ -275,8 +281,8 @@ async def _sweep_with(
         state: StateStore | None = ReadOnlyStateStore(await wiring.state_store(settings))
         sink: Sink | None = _PrintSink()
     else:
-        limits = bf.share_limits(wiring.configured_limits(settings), plan.share)
-        throttle = bf.ShareThrottleStore(await wiring.throttle_store(settings), limits)
+        limits = share_limits(wiring.configured_limits(settings), plan.share)
+        throttle = ShareThrottleStore(await wiring.throttle_store(settings), limits)
         state = sink = None
     built = await build_or_report(
         settings,
@@ -291,14 +297,14 @@ async def _sweep_with(
     if built is None:
         return EXIT_FAILURE
     pipeline = built.pipeline
-    ceiling = 0.0 if plan.dry_run else bf.ceiling_per_minute(limits, settings.ipaas_batch_size)
+    ceiling = 0.0 if plan.dry_run else ceiling_per_minute(limits, settings.ipaas_batch_size)
 
     started = time.monotonic()
     summary = settings.summary()
     summary["dry_run"] = plan.dry_run or bool(summary.get("dry_run"))
 
     def line() -> str:
-        return bf.progress_line(
+        return sweep_text.progress_line(
             type_id=source.current_type,
             counts=source.counts,
             types_total=len(plan.types),
@@ -325,7 +331,7 @@ async def _sweep_with(
         on_close=stop_progress,
     )
     code, elapsed, counts = outcome.code, outcome.elapsed, outcome.counts
-    lines = bf.summary_lines(
+    lines = sweep_text.summary_lines(
         types=plan.types,
         counts=source.counts,
         per_type=source.per_type,

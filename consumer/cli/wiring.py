@@ -21,6 +21,7 @@ from consumer.dedupe import Deduplicator
 from consumer.dry_run import DryRunSink, HandingBackSource, ReadOnlyStateStore
 from consumer.pipeline import Pipeline, PipelineOptions
 from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleStore
+from consumer.retry import backoff_delay
 from consumer.routing import Router, ScopeMap, load_scope_map
 from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
 
@@ -279,7 +280,7 @@ async def state_probed(built: App, *, enabled: bool = True, retry_cap: float = 1
                     attempt=attempt,
                     error=health.state_problem,
                 )
-                await asyncio.sleep(min(retry_cap, 2.0 ** (attempt - 1)))
+                await asyncio.sleep(backoff_delay(attempt, 1.0, retry_cap))
                 continue
             if health.state_problem.startswith("state store: "):
                 health.state_problem = ""

@@ -5,6 +5,7 @@ rules across variables, problems as typed values), ``loading`` (environment and 
 one path for ``run`` and ``check``). Configuration flows from here to the wiring, never back.
 """
 
+from consumer.audit import display_url
 from consumer.config.loading import (
     did_you_mean,
     load_settings,
@@ -21,7 +22,6 @@ from consumer.config.values import (
     SourceSpec,
     StateLocation,
     commercetools_region,
-    display_url,
     parse_dead_letter_url,
     parse_listen_address,
     parse_source,

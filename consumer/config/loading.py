@@ -25,6 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import InitSettingsSource
 
+from consumer.audit import display_url
 from consumer.config.settings import (
     FIELD_BY_VARIABLE,
     SETTING_VARIABLES,
@@ -40,7 +41,6 @@ from consumer.config.values import (
     SETTING_PREFIXES,
     URL_VARIABLES,
     ConfigError,
-    display_url,
     url_password,
 )
 

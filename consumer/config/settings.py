@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr, SecretStr, field_valid
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumer.audit import display_url
 from consumer.config.values import (
     MAX_BATCH_SIZE,
     MIN_WEBHOOK_KEY_LENGTH,
@@ -35,7 +36,6 @@ from consumer.config.values import (
     StateLocation,
     commercetools_region,
     commercetools_url,
-    display_url,
     hook_url,
     is_kafka_topic,
     lower_case,

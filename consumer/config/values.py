@@ -173,18 +173,6 @@ def split_url(value: str) -> SplitResult:
     return parts
 
 
-def display_url(value: str) -> str:
-    """Return ``value`` without userinfo, query and fragment, the parts that may carry credentials."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return "<unparseable URL>"
-    if "@" not in parts.netloc and not parts.query and not parts.fragment:
-        return value
-    # Rebuilt by hand: urlunsplit drops the "//" of an empty host, turning sqlite:///x into sqlite:/x.
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
-
-
 def url_password(value: str) -> str | None:
     try:
         return urlsplit(value).password or None
