@@ -10,7 +10,7 @@ UV_COMPILE = $(BIN)/uv pip compile pyproject.toml requirements/build.in --genera
 	--python-version 3.11 --custom-compile-command "make lock" -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: run test install servers lint typecheck deptry lock image bench clean
+.PHONY: run test install servers lint typecheck architecture deptry lock image bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -48,6 +48,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict consumer adapters
 
+# The layers ([tool.importlinter] in pyproject.toml): the core imports no adapter, no edge, no I/O library;
+# adapters take their own options; within the edge only consumer/cli/wiring.py imports adapters.
+architecture: install
+	$(BIN)/lint-imports --no-cache
+
 # Declared dependencies and imports stay equal (configuration: [tool.deptry] in pyproject.toml).
 deptry: install
 	$(BIN)/deptry .
@@ -67,12 +72,12 @@ test: install servers lint typecheck deptry
 # Each benchmark starts the servers it needs (tansu, pstest, redis-server, commercetools-mock) and prints
 # ratios against a baseline measured in the same run.
 bench: install servers
-	$(BIN)/python bench/pipeline.py
-	$(BIN)/python bench/kafka.py
-	$(BIN)/python bench/pubsub.py
-	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/backfill.py
-	$(BIN)/python bench/peers.py
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.kafka
+	$(BIN)/python -m bench.pubsub
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.backfill
+	$(BIN)/python -m bench.peers
 
 clean:
 	rm -rf $(VENV) .ctsync .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis

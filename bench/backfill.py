@@ -11,7 +11,7 @@ the whole windows that follow it (a moving-window limiter lets at most ``limit``
 window), notifications accepted per minute. The ceiling is ``limit x batch x share`` per window. Target: the
 rate is >= 95 % of the ceiling.
 
-Run: ``.venv/bin/python bench/backfill.py [--resources N] [--limit 10 --window 2 --batch 100]``.
+Run: ``.venv/bin/python -m bench.backfill [--resources N] [--limit 10 --window 2 --batch 100]``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from ctmockserver import SortingFront, start_ctmock  # noqa: E402
-from hookserver import HookServer  # noqa: E402
-from test_backfill_integration import MockApi  # noqa: E402
+from tests.integration.test_backfill_integration import MockApi  # noqa: E402
+from tests.servers.ctmockserver import SortingFront, start_ctmock  # noqa: E402
+from tests.servers.hookserver import HookServer  # noqa: E402
 
 CTSYNC = [sys.executable, "-m", "consumer.cli"]
 

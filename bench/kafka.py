@@ -14,7 +14,7 @@
    the raw ``getmany`` ceiling over PLAINTEXT and over SASL_SSL (TLS and PLAIN, as on Confluent Cloud), and
    ctsync over SASL_SSL against the latter.
 
-Run: ``make bench`` or ``.venv/bin/python bench/kafka.py [--payloads N]``.
+Run: ``make bench`` or ``.venv/bin/python -m bench.kafka [--payloads N]``.
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ from aiokafka import AIOKafkaConsumer
 from aiolimiter import AsyncLimiter
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from apachekafka import BrokerUnavailable, start_apache_kafka  # noqa: E402
-from hookserver import HookServer  # noqa: E402
-from kafkaserver import Kafka, start_tansu, stop_process  # noqa: E402
 
 from consumer import audit  # noqa: E402
 from consumer.cli import lifecycle, wiring  # noqa: E402
 from consumer.config import load_settings  # noqa: E402
+from tests.servers.apachekafka import BrokerUnavailable, start_apache_kafka  # noqa: E402
+from tests.servers.hookserver import HookServer  # noqa: E402
+from tests.servers.kafkaserver import Kafka, start_tansu, stop_process  # noqa: E402
 
 
 def _pipeline_bench() -> Any:
@@ -64,11 +62,11 @@ class HookProcess:
 
     def __enter__(self) -> HookProcess:
         code = (
-            "import sys, time; sys.path.insert(0, sys.argv[1]); from hookserver import HookServer; "
+            "import time; from tests.servers.hookserver import HookServer; "
             "s = HookServer().start(); print(s.url, s.api_key, flush=True); time.sleep(3600)"
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(ROOT / "tests")], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT
         )
         assert self.proc.stdout is not None
         self.url, self.api_key = self.proc.stdout.readline().split()

@@ -21,7 +21,7 @@ Figures per contender: payloads/s from the hook's first to last accepted request
 (user + system of the contender's process), and Kafka fetch requests per 100k payloads, counted by a proxy
 that tansu advertises in front of itself.
 
-Run: ``.venv/bin/python bench/peers.py [--payloads N] [--rounds R]`` (``make bench`` runs it too).
+Run: ``.venv/bin/python -m bench.peers [--payloads N] [--rounds R]`` (``make bench`` runs it too).
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ from pathlib import Path
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from hookserver import HookServer  # noqa: E402
-from kafkaserver import Kafka, free_port, start_tansu, stop_process  # noqa: E402
+from tests.servers.hookserver import HookServer  # noqa: E402
+from tests.servers.kafkaserver import Kafka, free_port, start_tansu, stop_process  # noqa: E402
 
 FETCH = 1  # Kafka's api key of a Fetch request
 

@@ -7,7 +7,7 @@
 2. A burst of 10,000 updates over 100 entities under a throttle of 5 requests/s, batch size 100: requests
    used and notifications per entity, against the naive one-request-per-message approach (10,000 requests).
 
-Run: ``make bench`` or ``.venv/bin/python bench/pipeline.py [--payloads N]``.
+Run: ``make bench`` or ``.venv/bin/python -m bench.pipeline [--payloads N]``.
 """
 
 from __future__ import annotations

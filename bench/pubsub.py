@@ -11,7 +11,7 @@
    vs a bare streaming-pull subscriber that acks on receipt, same server, same run. pstest hands each stream
    about 100 messages/s, so both figures mostly measure pstest.
 
-Run: ``.venv/bin/python bench/pubsub.py [--messages N] [--pstest-messages N]``; ``--skip-pstest`` skips 2.
+Run: ``.venv/bin/python -m bench.pubsub [--messages N] [--pstest-messages N]``; ``--skip-pstest`` skips 2.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
@@ -196,10 +194,9 @@ def emulator() -> tuple[str, Callable[[], None]]:
     preset = os.environ.get("PUBSUB_EMULATOR_HOST")
     if preset:
         return preset, lambda: None
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import subprocess
 
-    from pstestserver import _first_line, build_pstest
+    from tests.servers.pstestserver import _first_line, build_pstest
 
     process = subprocess.Popen(
         [str(build_pstest())], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -208,11 +205,11 @@ def emulator() -> tuple[str, Callable[[], None]]:
 
 
 def fresh_subscription(host: str, bodies: Sequence[bytes]) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import google.cloud.pubsub_v1 as pubsub_v1
     from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
-    from pstestserver import PubSubAdmin, _channel
+
+    from tests.servers.pstestserver import PubSubAdmin, _channel
 
     admin = PubSubAdmin(
         host,

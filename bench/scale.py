@@ -8,7 +8,7 @@
    in-process payloads/s on Redis state, each with the order rule's claims and without them (a store that
    grants every claim without asking Redis: the pipeline as it was before claims), in the same run.
 
-Run: ``.venv/bin/python bench/scale.py`` (``--sections 3`` for the round trips alone).
+Run: ``.venv/bin/python -m bench.scale`` (``--sections 3`` for the round trips alone).
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from hookserver import HookServer  # noqa: E402
-from kafkaserver import Kafka, free_port, start_tansu, stop_process  # noqa: E402
-from redisserver import RedisServer, _binary  # noqa: E402
 
 from adapters.state_redis import open_state_store  # noqa: E402
 from adapters.throttle_redis import open_throttle_store  # noqa: E402
@@ -41,6 +36,9 @@ from consumer.pipeline import Pipeline, PipelineOptions  # noqa: E402
 from consumer.ports import Claim, StateStore, StateView  # noqa: E402
 from consumer.testing import ListSource, MemoryDeadLetters, RecordingSink  # noqa: E402
 from consumer.throttle import Throttle  # noqa: E402
+from tests.servers.hookserver import HookServer  # noqa: E402
+from tests.servers.kafkaserver import Kafka, free_port, start_tansu, stop_process  # noqa: E402
+from tests.servers.redisserver import RedisServer, _binary  # noqa: E402
 
 
 def updates(count: int, prefix: str) -> list[bytes]:

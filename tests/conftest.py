@@ -7,7 +7,14 @@ from collections.abc import Generator
 
 import pytest
 
-pytest_plugins = ["hookserver", "kafkaserver", "apachekafka", "ctmockserver", "pstestserver", "redisserver"]
+pytest_plugins = [
+    "tests.servers.hookserver",
+    "tests.servers.kafkaserver",
+    "tests.servers.apachekafka",
+    "tests.servers.ctmockserver",
+    "tests.servers.pstestserver",
+    "tests.servers.redisserver",
+]
 
 # .ci/run sets this: a test that would skip because a real server is missing must fail instead.
 REQUIRE_SERVERS = os.environ.get("CTSYNC_REQUIRE_SERVERS", "") not in ("", "0", "false")
