@@ -58,7 +58,7 @@ deptry: install
 	$(BIN)/deptry .
 
 # deploy/Dockerfile as ctsync:0.1.0: docker when an engine answers, else buildah on a cached debootstrap base
-# (tools/build-image says how). tests/test_image.py builds it the same way and runs it.
+# (tools/build-image says how). tests/integration/test_image.py builds it the same way and runs it.
 image: servers
 	tools/build-image ctsync:0.1.0
 

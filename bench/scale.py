@@ -32,8 +32,9 @@ from consumer import audit  # noqa: E402
 from consumer.cli.wiring import configured_limits, router  # noqa: E402
 from consumer.config import load_settings  # noqa: E402
 from consumer.dedupe import Deduplicator  # noqa: E402
+from consumer.dry_run import ReadOnlyStateStore  # noqa: E402
 from consumer.pipeline import Pipeline, PipelineOptions  # noqa: E402
-from consumer.ports import Claim, StateStore, StateView  # noqa: E402
+from consumer.ports import Claim, StateView  # noqa: E402
 from consumer.testing import ListSource, MemoryDeadLetters, RecordingSink  # noqa: E402
 from consumer.throttle import Throttle  # noqa: E402
 from tests.servers.hookserver import HookServer  # noqa: E402
@@ -108,14 +109,9 @@ def replicas_rate(
     return count / (arrivals[-1] - arrivals[0])
 
 
-class WithoutClaims:
-    """A Redis state store whose claims are granted without asking Redis: the pipeline before claims."""
-
-    def __init__(self, inner: StateStore) -> None:
-        self.inner = inner
-
-    async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
-        return await self.inner.lookup(message_keys, resource_keys)
+class WithoutClaims(ReadOnlyStateStore):
+    """A Redis state store whose claims are granted without asking Redis: the pipeline before claims. It
+    records what is delivered (unlike the read-only store it builds on) and closes the inner store."""
 
     async def record_delivered(
         self,
@@ -137,19 +133,6 @@ class WithoutClaims:
         attempt_seconds: float,
     ) -> Claim:
         return Claim(frozenset(), StateView(frozenset(), {}))
-
-    async def release_claims(
-        self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
-    ) -> None:
-        return None
-
-    async def extend_claims(
-        self, holder: str, resource_keys: Collection[str], lease_seconds: float
-    ) -> frozenset[str]:
-        return frozenset()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def round_trips(

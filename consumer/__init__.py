@@ -1,5 +1,6 @@
 """ctsync's core: commercetools change events in, throttled iPaaS.com notifications out.
 
-The core holds pure logic and the ports (``consumer.ports``) it needs; it never imports a broker or an HTTP
-library. Adapters in the ``adapters`` package implement the ports.
+Every module here but ``consumer.cli`` is the core: rules and the ports (``consumer.ports``) they need. The
+core imports no adapter, no ``consumer.cli`` and no broker, HTTP or CLI library; ``make architecture`` checks
+it. ``consumer.cli`` is the edge: the commands, and the wiring that builds adapters from the settings.
 """

@@ -23,30 +23,11 @@ from consumer.cli.startup import (
     settings_for,
     usage_failure,
 )
-from consumer.config import Problem, Settings, load_settings_with_problems, unknown_variables
+from consumer.config import Settings, load
 from consumer.ports import Envelope, Source
 from consumer.routing import ScopeMapError
 
 # --- operator commands: check, subscription ensure, audit, dead-letters replay ---
-
-
-def _raw_values(env_file: Path | None) -> dict[str, str]:
-    """Return the settings' values as given (env file, then the environment), without checking them."""
-    from dotenv import dotenv_values
-
-    from consumer.config import SETTING_VARIABLES
-
-    values: dict[str, str] = {}
-    if env_file is not None:
-        values.update({k: v for k, v in dotenv_values(env_file).items() if k in SETTING_VARIABLES and v})
-    values.update({k: v for k, v in os.environ.items() if k in SETTING_VARIABLES and v.strip()})
-    return values
-
-
-def _load_for_check(values: dict[str, str]) -> tuple[Settings | None, list[Problem]]:
-    """Load settings, collecting problems instead of exiting: built from every valid variable, so a problem
-    across variables (a hook URL without its key) does not keep the other checks from running."""
-    return load_settings_with_problems(environ=values, for_command="check")
 
 
 @click.command()
@@ -61,10 +42,9 @@ def check(env_file: Path | None, as_json: bool) -> None:
 
     if env_file is not None and not env_file.is_file():
         config_failure([f"--env-file: {env_file} does not exist or is not a file"])
-    values = _raw_values(env_file)
-    settings, problems = _load_for_check(values)
+    loaded = load(env_file, for_command="check")
+    settings, problems, values, unknown = loaded.settings, loaded.problems, loaded.values, loaded.unknown
     configure_stderr_audit(settings, [values[name] for name in SECRET_VARIABLES if name in values])
-    unknown = unknown_variables(os.environ, env_file)
     results = asyncio.run(checks.run_checks(settings, values, problems, unknown))
     if as_json:
         click.echo(orjson.dumps(checks.render_json(results), option=orjson.OPT_INDENT_2).decode())
@@ -445,7 +425,7 @@ def dead_letters_replay(
         usage_failure(f"{exc}")
     if kind == "file" and not Path(name).is_file():
         usage_failure(f"{location}: no such file")
-    configured = _raw_values(env_file).get("CTSYNC_DEAD_LETTER_URL", DEFAULT_DEAD_LETTER_URL).strip()
+    configured = load(env_file).values.get("CTSYNC_DEAD_LETTER_URL", DEFAULT_DEAD_LETTER_URL).strip()
     try:
         configured_is_file = parse_dead_letter_url(configured).kind == "file"
     except ValueError:

@@ -13,7 +13,7 @@ from typing import NoReturn
 import click
 
 from consumer import audit
-from consumer.config import ConfigError, Settings, did_you_mean, load_settings, unknown_variables
+from consumer.config import Settings, did_you_mean, load
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -43,15 +43,15 @@ def settings_for(env_file: Path | None, command: str, *, log_to_stderr: bool = F
     """
     if env_file is not None and not env_file.is_file():
         config_failure([f"--env-file: {env_file} does not exist or is not a file"])
-    unknown = {name: did_you_mean(name) for name in unknown_variables(os.environ, env_file)}
-    try:
-        settings = load_settings(env_file, for_command=command)
-    except ConfigError as exc:
+    loaded = load(env_file, for_command=command)
+    unknown = {name: did_you_mean(name) for name in loaded.unknown}
+    settings = loaded.settings
+    if loaded.problems or settings is None:
         # A misspelt variable is often why a required one is missing: name it with the problems.
         hints = [
             f"{name}: not a ctsync setting; did you mean {meant}?" for name, meant in unknown.items() if meant
         ]
-        config_failure(exc.problems + hints)
+        config_failure([found.text for found in loaded.problems] + hints)
     audit.configure(
         level=settings.ctsync_log_level,
         log_format=settings.ctsync_log_format,

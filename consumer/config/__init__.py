@@ -7,7 +7,9 @@ one path for ``run`` and ``check``). Configuration flows from here to the wiring
 
 from consumer.audit import display_url
 from consumer.config.loading import (
+    Loaded,
     did_you_mean,
+    load,
     load_settings,
     load_settings_with_problems,
     unknown_variables,
@@ -35,6 +37,7 @@ __all__ = [
     "ConfigError",
     "DeadLetterTarget",
     "ListenAddress",
+    "Loaded",
     "Problem",
     "Settings",
     "SourceSpec",
@@ -42,6 +45,7 @@ __all__ = [
     "commercetools_region",
     "did_you_mean",
     "display_url",
+    "load",
     "load_settings",
     "load_settings_with_problems",
     "parse_dead_letter_url",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from difflib import SequenceMatcher, get_close_matches
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -165,26 +166,46 @@ def load_settings(
     return settings
 
 
-def load_settings_with_problems(
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What loading found, for every command alike (``run`` exits on a problem, ``check`` reports it).
+
+    ``settings``: built from every valid variable (None only when not even that could be built);
+    ``problems``: every problem, in the contract's order, never with a secret in it; ``values``: the
+    settings' values as given (the env file's, then the environment's, which win); ``unknown``: variables
+    that look like ctsync settings but are not (typos).
+    """
+
+    settings: Settings | None
+    problems: list[Problem]
+    values: dict[str, str]
+    unknown: list[str]
+
+
+def load(
     env_file: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
     *,
     for_command: str = "run",
-) -> tuple[Settings | None, list[Problem]]:
-    """Load the settings as far as they are valid, and list every problem (``load_settings``' lines).
+) -> Loaded:
+    """Load the settings as far as they are valid, and list every problem.
 
     The settings are built without the variables that are invalid on their own; problems across variables
     (a hook URL without its key) leave them built, so ``ctsync check`` can still run every other check.
-    None only when not even that could be built.
+    Values come from ``env_file`` (if given) and then the environment, which wins: ``environ`` when given,
+    replacing ``os.environ`` entirely, else ``os.environ``.
     """
+    environment = os.environ if environ is None else environ
     values: dict[str, str] = {}
     problems: list[Problem] = []
+    names = set(environment)
     if env_file is not None:
         file_values, file_problem = _read_env_file(Path(env_file))
+        names |= set(file_values)
         values.update(_settings_values(file_values))
         if file_problem is not None:
             problems.append(Problem(("--env-file",), file_problem))
-    values.update(_settings_values(os.environ if environ is None else environ))
+    values.update(_settings_values(environment))
 
     secrets = [values[name] for name in SECRET_VARIABLES if name in values]
     secrets += [p for p in (url_password(values[name]) for name in URL_VARIABLES if name in values) if p]
@@ -210,7 +231,19 @@ def load_settings_with_problems(
         if invalid.isdisjoint(found.variables):
             problems.append(found)
     problems.sort(key=lambda found: _order(found.variable))
-    return settings, [found._replace(text=_scrub(found.text, secrets)) for found in problems]
+    scrubbed = [found._replace(text=_scrub(found.text, secrets)) for found in problems]
+    return Loaded(settings, scrubbed, values, _unknown(names))
+
+
+def load_settings_with_problems(
+    env_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    for_command: str = "run",
+) -> tuple[Settings | None, list[Problem]]:
+    """``load``'s settings and problems."""
+    loaded = load(env_file, environ, for_command=for_command)
+    return loaded.settings, loaded.problems
 
 
 def _order(variable: str) -> int:
@@ -228,6 +261,10 @@ def unknown_variables(environ: Mapping[str, str], env_file: str | Path | None = 
     names = set(environ)
     if env_file is not None and Path(env_file).is_file():
         names |= set(_read_env_file(Path(env_file))[0])
+    return _unknown(names)
+
+
+def _unknown(names: Iterable[str]) -> list[str]:
     return sorted(
         name
         for name in names
