@@ -13,7 +13,8 @@ Format = Literal["Platform", "CloudEvents"]
 
 DEFAULT_KEY: Final = "ctsync"
 KEY_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{2,256}")
-_PUBSUB_TOPIC: Final = re.compile(r"projects/([^/\s]+)/topics/([^/\s]+)")
+# A Pub/Sub topic path; the settings check CTSYNC_DEAD_LETTER_URL with it too.
+PUBSUB_TOPIC: Final = re.compile(r"projects/([^/\s]+)/topics/([^/\s]+)")
 # Resource types commercetools sends changes for but no messages (commercetools.md, section 5); asking
 # for their messages would be refused.
 NO_MESSAGES: Final = frozenset({"channel", "product-type", "tax-category", "shipping-method", "zone", "type"})
@@ -29,7 +30,7 @@ class SubscriptionError(ValueError):
 
 def pubsub_destination(topic_path: str) -> dict[str, Any]:
     """Return a GoogleCloudPubSub destination for ``projects/<project>/topics/<topic>``."""
-    match = _PUBSUB_TOPIC.fullmatch(topic_path.strip())
+    match = PUBSUB_TOPIC.fullmatch(topic_path.strip())
     if match is None:
         raise SubscriptionError(
             f"the Pub/Sub topic must be projects/<project>/topics/<topic> (got {topic_path!r})"

@@ -17,6 +17,8 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import BeforeValidator
 from pydantic_settings import NoDecode
 
+from consumer.subscription import PUBSUB_TOPIC
+
 KNOWN_REGIONS: Final = frozenset(
     {"us-central1.gcp", "us-east-2.aws", "europe-west1.gcp", "eu-central-1.aws", "australia-southeast1.gcp"}
 )
@@ -130,7 +132,6 @@ class DeadLetterTarget:
 _PORT = re.compile(r"[0-9]{1,5}")
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 PUBSUB_SUBSCRIPTION = re.compile(r"projects/[^/\s]+/subscriptions/[^/\s]+")
-PUBSUB_TOPIC = re.compile(r"projects/[^/\s]+/topics/[^/\s]+")
 SPACE = re.compile(r"\s")
 
 

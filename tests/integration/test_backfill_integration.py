@@ -1,8 +1,8 @@
 """End to end: ``ctsync backfill`` / ``ctsync reconcile`` as subprocesses against commercetools-mock, holding
 a few thousand resources created through its API, and the local iPaaS.com hook server counting what arrives.
 
-ctsync reads through ``SortingFront`` (tests/servers/ctmockserver.py), which pages ``sort=id asc`` right over any
-number of matches; the resources are created on the mock directly."""
+ctsync reads through ``SortingFront`` (tests/servers/ctmockserver.py), which pages ``sort=id asc`` right
+over any number of matches; the resources are created on the mock directly."""
 
 from __future__ import annotations
 

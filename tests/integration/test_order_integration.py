@@ -8,6 +8,7 @@ and with two subscribers.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 
@@ -47,6 +48,11 @@ async def produce_unkeyed(kafka: Kafka, seed: int) -> tuple[str, int, set[str]]:
     for partition, values in enumerate(spread(changes, 3, seed=seed)):
         await kafka.produce(topic, values, key=None, partition=partition)
     return topic, len(changes), deleted
+
+
+def holds_a_partition(replica: Ctsync) -> bool:
+    assignments = replica.events("kafka.partitions_assigned")
+    return bool(assignments) and bool(assignments[-1].get("partitions"))
 
 
 async def test_one_process_never_notifies_a_resource_after_its_deletion(
@@ -90,9 +96,23 @@ async def test_three_replicas_on_redis_never_notify_a_resource_after_its_deletio
 ) -> None:
     redis = redis_servers()
     hook = slow_hook(hook_server_factory)
-    topic, total, deleted = await produce_unkeyed(kafka, seed=13)
+    topic = await kafka.create_topic(partitions=3)
     env = kafka_env(kafka, topic, f"g-{uuid.uuid4().hex[:8]}", hook, CTSYNC_STATE_URL=redis.url, **THROTTLE)
     replicas = [ctsync_process(env, name=f"replica-{n}") for n in range(3)]
+    # Every replica holds a partition before anything is produced, so on a loaded machine one replica cannot
+    # take the whole backlog before the others join (the replicas must run at once to wait for each other).
+    replicas[0].wait_for(
+        lambda: all(holds_a_partition(r) for r in replicas),
+        timeout=90,
+        message="each replica assigned a partition",
+    )
+    # All partitions at once, so the replicas work on them at the same time.
+    changes, deleted = histories(200, 2_000, seed=13)
+    parts = spread(changes, 3, seed=13)
+    await asyncio.gather(
+        *(kafka.produce(topic, values, key=None, partition=n) for n, values in enumerate(parts))
+    )
+    total = len(changes)
     replicas[0].wait_for(
         lambda: len(set().union(*(acked_offsets(r) for r in replicas))) == total,
         timeout=150,
