@@ -20,9 +20,7 @@ from adapters._sqlite import SqliteConnection
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from adapters.state_redis import RedisGuard
-    from consumer.config import Settings
-    from consumer.ports import CursorStore
+    from adapters.state_redis import RedisGuard, RedisOptions
 
 _T = TypeVar("_T")
 
@@ -122,23 +120,15 @@ class RedisCursorStore:
         await self.client.aclose()
 
 
-async def open_cursor_store(settings: Settings) -> CursorStore:
-    """Open the cursor store that goes with CTSYNC_STATE_URL."""
-    state = settings.state
-    if state.kind == "sqlite":
-        assert state.path is not None
-        store = SqliteCursorStore(state.path)
-        await store.open()
-        return store
-    if state.kind == "redis":
-        from adapters.state_redis import RedisGuard, ping, redis_client, settings_prefix
+async def open_redis_cursor_store(options: RedisOptions) -> RedisCursorStore:
+    """Open the cursor hash of ``options``' deployment; raise ``StoreUnavailable`` if Redis is down."""
+    from adapters.state_redis import RedisGuard, ping, redis_client
 
-        client = redis_client(state.url)
-        guard = RedisGuard(state.url, state.password)
-        try:
-            await ping(client, guard)
-        except BaseException:
-            await client.aclose()
-            raise
-        return RedisCursorStore(client, settings_prefix(settings), guard)
-    return MemoryCursorStore()
+    client = redis_client(options.url)
+    guard = RedisGuard(options.url, options.password)
+    try:
+        await ping(client, guard)
+    except BaseException:
+        await client.aclose()
+        raise
+    return RedisCursorStore(client, options.key_prefix, guard)

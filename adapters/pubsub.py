@@ -19,6 +19,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -31,7 +32,6 @@ from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-from consumer.config import Settings
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, Fetched, Source
 
 # The pipeline may hold a message for as long as the hook is throttled or down; past this the client stops
@@ -57,6 +57,16 @@ _ADMIN_RETRY: Final = Retry(
     timeout=ADMIN_TIMEOUT_SECONDS,
     predicate=if_exception_type(*_TRANSIENT),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class PubSubOptions:
+    """Where Pub/Sub is (Google Cloud, or an emulator's host:port), the subscription to stream from, and
+    how many messages may be leased at once."""
+
+    subscription: str | None = None
+    emulator_host: str | None = None
+    max_in_flight: int = 10_000
 
 
 class PulledMessage(Protocol):
@@ -87,26 +97,26 @@ def _emulator_channel(host: str) -> grpc.Channel:
     )
 
 
-def _endpoint(settings: Settings) -> str:
-    return settings.pubsub_emulator_host or "pubsub.googleapis.com"
+def _endpoint(options: PubSubOptions) -> str:
+    return options.emulator_host or "pubsub.googleapis.com"
 
 
-def subscriber_client(settings: Settings) -> pubsub_v1.SubscriberClient:
+def subscriber_client(options: PubSubOptions) -> pubsub_v1.SubscriberClient:
     """Return a subscriber client for Google Cloud (application default credentials) or the emulator."""
     try:
-        if settings.pubsub_emulator_host:
-            channel = _emulator_channel(settings.pubsub_emulator_host)
+        if options.emulator_host:
+            channel = _emulator_channel(options.emulator_host)
             return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
         return pubsub_v1.SubscriberClient()
     except auth_exceptions.DefaultCredentialsError as exc:
         raise ConnectionError(_no_credentials("PUBSUB_SUBSCRIPTION")) from exc
 
 
-def publisher_client(settings: Settings) -> pubsub_v1.PublisherClient:
+def publisher_client(options: PubSubOptions) -> pubsub_v1.PublisherClient:
     """Return a publisher client for Google Cloud (application default credentials) or the emulator."""
     try:
-        if settings.pubsub_emulator_host:
-            channel = _emulator_channel(settings.pubsub_emulator_host)
+        if options.emulator_host:
+            channel = _emulator_channel(options.emulator_host)
             return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel))
         return pubsub_v1.PublisherClient()
     except auth_exceptions.DefaultCredentialsError as exc:
@@ -325,12 +335,12 @@ async def _get_subscription(client: pubsub_v1.SubscriberClient, name: str) -> An
     )
 
 
-async def open_source(settings: Settings) -> Source:
+async def open_source(options: PubSubOptions) -> Source:
     """Check that PUBSUB_SUBSCRIPTION exists and start streaming pull on it."""
-    name = settings.pubsub_subscription
+    name = options.subscription
     if name is None:
         raise ConnectionError("PUBSUB_SUBSCRIPTION: required when CTSYNC_SOURCE=pubsub")
-    client = await asyncio.to_thread(subscriber_client, settings)
+    client = await asyncio.to_thread(subscriber_client, options)
     try:
         try:
             await _get_subscription(client, name)
@@ -339,24 +349,24 @@ async def open_source(settings: Settings) -> Source:
             # streaming pull reports a real permission problem through fetch.
             pass
         except Exception as exc:
-            raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(settings)) from exc
+            raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(options)) from exc
         source = PubSubSource(name)
-        source.start(client, flow_control(settings.ctsync_max_in_flight))
+        source.start(client, flow_control(options.max_in_flight))
     except BaseException:
         await asyncio.to_thread(_close_client, client)
         raise
     return source
 
 
-async def probe(settings: Settings) -> str:
+async def probe(options: PubSubOptions) -> str:
     """Check that PUBSUB_SUBSCRIPTION exists and is reachable; return a one-line description.
 
     Raises LookupError when it does not exist, ConnectionError when Pub/Sub cannot be reached or refuses.
     """
-    name = settings.pubsub_subscription
+    name = options.subscription
     if name is None:
         raise LookupError("PUBSUB_SUBSCRIPTION: not set (projects/<project>/subscriptions/<subscription>)")
-    client = await asyncio.to_thread(subscriber_client, settings)
+    client = await asyncio.to_thread(subscriber_client, options)
     try:
         subscription = await _get_subscription(client, name)
     except gexc.PermissionDenied as exc:
@@ -365,7 +375,7 @@ async def probe(settings: Settings) -> str:
             "roles/pubsub.subscriber and roles/pubsub.viewer on it"
         ) from exc
     except Exception as exc:
-        raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(settings)) from exc
+        raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(options)) from exc
     finally:
         await asyncio.to_thread(_close_client, client)
     parts = [f"topic {subscription.topic}", f"ack deadline {subscription.ack_deadline_seconds}s"]
@@ -376,23 +386,23 @@ async def probe(settings: Settings) -> str:
         )
     if subscription.push_config is not None and subscription.push_config.push_endpoint:
         parts.append(f"push to {subscription.push_config.push_endpoint} (use CTSYNC_SOURCE=push)")
-    return f"subscription {name} at {_endpoint(settings)}: " + ", ".join(parts)
+    return f"subscription {name} at {_endpoint(options)}: " + ", ".join(parts)
 
 
-async def subscription_topic(settings: Settings) -> str:
+async def subscription_topic(options: PubSubOptions) -> str:
     """Return the topic PUBSUB_SUBSCRIPTION is attached to (for ``subscription ensure``).
 
     Raises LookupError when the subscription does not exist, ConnectionError when Pub/Sub cannot be
     reached or refuses.
     """
-    name = settings.pubsub_subscription
+    name = options.subscription
     if name is None:
         raise LookupError("PUBSUB_SUBSCRIPTION: not set (projects/<project>/subscriptions/<subscription>)")
-    client = await asyncio.to_thread(subscriber_client, settings)
+    client = await asyncio.to_thread(subscriber_client, options)
     try:
         subscription = await _get_subscription(client, name)
     except Exception as exc:
-        raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(settings)) from exc
+        raise _explain(exc, "PUBSUB_SUBSCRIPTION", f"subscription {name}", _endpoint(options)) from exc
     finally:
         await asyncio.to_thread(_close_client, client)
     topic: str = subscription.topic
@@ -476,9 +486,9 @@ def _stop_publisher(client: pubsub_v1.PublisherClient) -> None:
     _close_client(client)
 
 
-async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSink:
+async def open_dead_letter_sink(options: PubSubOptions, topic: str) -> DeadLetterSink:
     """Check that the dead-letter topic exists and return a sink publishing to it."""
-    client = await asyncio.to_thread(publisher_client, settings)
+    client = await asyncio.to_thread(publisher_client, options)
     try:
         await asyncio.to_thread(
             client.get_topic, request={"topic": topic}, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_SECONDS
@@ -488,13 +498,13 @@ async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSin
         pass
     except Exception as exc:
         await asyncio.to_thread(_close_client, client)
-        raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(settings)) from exc
+        raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(options)) from exc
     return PubSubDeadLetterSink(client, topic)
 
 
-async def probe_topic(settings: Settings, topic: str) -> str:
+async def probe_topic(options: PubSubOptions, topic: str) -> str:
     """Check that dead-letter ``topic`` exists and, where the server can say, that we may publish to it."""
-    client = await asyncio.to_thread(publisher_client, settings)
+    client = await asyncio.to_thread(publisher_client, options)
     try:
         try:
             await asyncio.to_thread(
@@ -503,7 +513,7 @@ async def probe_topic(settings: Settings, topic: str) -> str:
         except gexc.PermissionDenied:
             pass  # roles/pubsub.publisher may publish without reading the topic: the permission test says
         except Exception as exc:
-            raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(settings)) from exc
+            raise _explain(exc, "CTSYNC_DEAD_LETTER_URL", f"topic {topic}", _endpoint(options)) from exc
         try:
             answer = await asyncio.to_thread(
                 client.test_iam_permissions,
@@ -671,12 +681,12 @@ class DeadLetterPullSource:
 
 
 async def open_dead_letter_source(
-    settings: Settings, name: str, snapshot: datetime | None = None
+    options: PubSubOptions, name: str, snapshot: datetime | None = None
 ) -> DeadLetterPullSource:
     """Open a finite source over the dead letters waiting on subscription ``name`` (for
     ``ctsync dead-letters replay``), up to those published before ``snapshot``; each envelope's body is
     the original payload."""
-    client = await asyncio.to_thread(subscriber_client, settings)
+    client = await asyncio.to_thread(subscriber_client, options)
     topic: str | None = None
     try:
         topic = (await _get_subscription(client, name)).topic or None
@@ -684,7 +694,7 @@ async def open_dead_letter_source(
         pass
     except Exception as exc:
         await asyncio.to_thread(_close_client, client)
-        raise _explain(exc, "dead-letter subscription", f"subscription {name}", _endpoint(settings)) from exc
+        raise _explain(exc, "dead-letter subscription", f"subscription {name}", _endpoint(options)) from exc
     source = DeadLetterPullSource(client, name, snapshot=snapshot)
     source.topic = topic
     return source
