@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthentication
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
-from consumer import audit
+from consumer import audit, dead_letters
 from consumer.offsets import OffsetTracker, PartitionOffsets
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, Fetched, Source
 
@@ -337,9 +337,7 @@ class KafkaSource:
         fields: dict[str, object] = {"topic": topic, "partition": partition, "offset": offset}
         if self.exhaust_after_idle is not None:
             # Reading dead letters back: their reason and time let a replay filter them.
-            for name, value in record.headers or ():
-                if name in ("ctsync-reason", "ctsync-time"):
-                    fields[f"dead_letter_{name[7:]}"] = value.decode("utf-8", "replace")
+            fields.update(dead_letters.replay_fields(dead_letters.from_kafka_headers(record.headers or ())))
         return fields
 
     def _pause(self) -> None:
@@ -519,7 +517,7 @@ class KafkaDeadLetterSink:
     async def write(self, letters: Sequence[DeadLetter]) -> None:
         sent = [
             await self.producer.send(
-                self.topic, value=letter.body, key=letter.key, headers=dead_letter_headers(letter)
+                self.topic, value=letter.body, key=letter.key, headers=dead_letters.kafka_headers(letter)
             )
             for letter in letters
         ]
@@ -528,21 +526,6 @@ class KafkaDeadLetterSink:
 
     async def close(self) -> None:
         await self.producer.stop()
-
-
-def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
-    headers = [
-        ("ctsync-reason", letter.reason.encode("utf-8")),
-        ("ctsync-time", letter.time.isoformat().encode("ascii")),
-        ("ctsync-source", letter.source.encode("utf-8")),
-        ("ctsync-position", letter.position.encode("utf-8")),
-    ]
-    if letter.message_key is not None:
-        headers.append(("ctsync-message-key", letter.message_key.encode("utf-8")))
-    for field in ("topic", "partition", "offset"):
-        if field in letter.source_fields:
-            headers.append((f"ctsync-source-{field}", str(letter.source_fields[field]).encode("utf-8")))
-    return headers
 
 
 async def open_dead_letter_sink(options: KafkaOptions, topic: str) -> DeadLetterSink:

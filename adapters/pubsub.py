@@ -13,7 +13,6 @@ at most that many messages and extends their leases while they wait behind the t
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import queue
 import time
@@ -32,6 +31,7 @@ from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
+from consumer import dead_letters
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, Fetched, Source
 
 # The pipeline may hold a message for as long as the hook is throttled or down; past this the client stops
@@ -46,8 +46,6 @@ MAX_MAX_BYTES: Final = 512 * 1024 * 1024
 ADMIN_TIMEOUT_SECONDS: Final = 10.0
 PUBLISH_TIMEOUT_SECONDS: Final = 60.0
 CLOSE_TIMEOUT_SECONDS: Final = 10.0
-ATTRIBUTE_VALUE_MAX_BYTES: Final = 1024
-DEAD_LETTER_TYPE: Final = "ctsync.dead_letter"
 
 _TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError, gexc.Aborted)
 _ADMIN_RETRY: Final = Retry(
@@ -414,40 +412,6 @@ async def subscription_topic(options: PubSubOptions) -> str:
 # ------------------------------------------------------------------------------------------ dead letters
 
 
-def _truncate(text: str, limit: int = ATTRIBUTE_VALUE_MAX_BYTES) -> str:
-    encoded = text.encode("utf-8")
-    if len(encoded) <= limit:
-        return text
-    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
-
-
-def dead_letter_attributes(letter: DeadLetter) -> dict[str, str]:
-    """Return the Pub/Sub attributes of a dead letter: why, where from, and the source's own fields.
-
-    The source's fields are prefixed ``source_`` (``source_message_id``, ``source_delivery_attempt``,
-    ``source_partition``...). Values are cut to Pub/Sub's 1024-byte limit.
-    """
-    attributes = {
-        "ctsync_type": DEAD_LETTER_TYPE,
-        "reason": _truncate(letter.reason),
-        "source": letter.source,
-        "position": _truncate(letter.position),
-        "dead_lettered_at": letter.time.isoformat(),
-    }
-    if letter.message_key is not None:
-        attributes["message_key"] = _truncate(letter.message_key)
-    key: bytes | None = getattr(letter, "key", None)
-    if key is not None:
-        try:
-            attributes["source_key"] = _truncate(key.decode("utf-8"))
-        except UnicodeDecodeError:
-            attributes["source_key_base64"] = _truncate(base64.b64encode(key).decode("ascii"))
-    for name, value in letter.source_fields.items():
-        if value is not None:
-            attributes[_truncate(f"source_{name}", 256)] = _truncate(str(value))
-    return attributes
-
-
 class PubSubDeadLetterSink:
     """Publish each dead letter's original bytes to a topic, with the reason and origin as attributes."""
 
@@ -463,7 +427,7 @@ class PubSubDeadLetterSink:
             return
         published = [
             asyncio.wrap_future(
-                self.client.publish(self.topic, letter.body, **dead_letter_attributes(letter))
+                self.client.publish(self.topic, letter.body, **dead_letters.pubsub_attributes(letter))
             )
             for letter in letters
         ]
@@ -616,9 +580,7 @@ class DeadLetterPullSource:
                     nack=self._settle(received.ack_id, False),
                     source_fields={
                         "message_id": message.message_id,
-                        "dead_letter_reason": attributes.get("reason"),
-                        "dead_letter_time": attributes.get("dead_lettered_at"),
-                        "original_position": attributes.get("position"),
+                        **dead_letters.replay_fields(dead_letters.from_pubsub_attributes(attributes)),
                     },
                 )
             )
