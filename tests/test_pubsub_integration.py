@@ -265,7 +265,7 @@ async def test_probe_describes_a_subscription_or_raises(
 ) -> None:
     from google.api_core.retry import Retry
 
-    from adapters import pubsub
+    from adapters.pubsub import clients as pubsub
     from consumer.cli import wiring
     from consumer.config import load_settings
 
