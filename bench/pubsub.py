@@ -32,7 +32,7 @@ from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from pipeline import UNTHROTTLED, payloads
 
 from adapters import pubsub
-from adapters.state_memory import MemoryStateStore
+from adapters.memory import MemoryStateStore
 from consumer import audit
 from consumer.cli import lifecycle, wiring
 from consumer.config import load_settings

@@ -31,8 +31,8 @@ from hookserver import HookServer  # noqa: E402
 from kafkaserver import Kafka, free_port, start_tansu, stop_process  # noqa: E402
 from redisserver import RedisServer, _binary  # noqa: E402
 
-from adapters.state_redis import open_state_store  # noqa: E402
-from adapters.throttle_redis import open_throttle_store  # noqa: E402
+from adapters.redis.state import open_state_store  # noqa: E402
+from adapters.redis.throttle import open_throttle_store  # noqa: E402
 from consumer import audit  # noqa: E402
 from consumer.cli import wiring  # noqa: E402
 from consumer.cli.wiring import configured_limits, router  # noqa: E402

@@ -10,7 +10,7 @@ from kafkaserver import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.endpoints import open_endpoints
-from adapters.state_memory import MemoryStateStore
+from adapters.memory import MemoryStateStore
 from consumer.config import ListenAddress
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions

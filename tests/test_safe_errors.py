@@ -16,7 +16,7 @@ import pytest
 from hookserver import HookServer
 from kafkaserver import CTSYNC, Ctsync, Kafka, start_tansu, stop_process
 
-from adapters.state_sqlite import SqliteStateStore
+from adapters.sqlite.state import SqliteStateStore
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from redisserver import RedisServer, free_port
 
-from adapters.state_redis import (
+from adapters.redis.state import (
     RedisStateStore,
     StoreUnavailable,
     key_prefix,

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redisserver import RedisServer, free_port
 
-from adapters.state_redis import StoreUnavailable, key_prefix, redis_client
-from adapters.throttle_redis import RedisThrottleStore, open_throttle_store
+from adapters.redis.state import StoreUnavailable, key_prefix, redis_client
+from adapters.redis.throttle import RedisThrottleStore, open_throttle_store
 from consumer.cli import wiring
 from consumer.config import load_settings
 from consumer.ports import Slot, ThrottleStore
@@ -316,8 +316,8 @@ async def test_a_live_replica_keeps_its_slots_past_the_lease(redis_url: str, red
 
 _HOLDER_SCRIPT = """
 import asyncio, sys
-from adapters.state_redis import redis_client
-from adapters.throttle_redis import RedisThrottleStore
+from adapters.redis.state import redis_client
+from adapters.redis.throttle import RedisThrottleStore
 from consumer.ports import Slot
 from consumer.throttle import ThrottleLimits
 

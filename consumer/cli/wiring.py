@@ -29,14 +29,14 @@ from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
 
 if TYPE_CHECKING:
     from adapters import _http_server
-    from adapters.backfill import BackfillSource
+    from adapters.backfill_source import BackfillSource
     from adapters.commercetools import CommercetoolsClient as CommercetoolsClient
     from adapters.commercetools import CommercetoolsError, CommercetoolsOptions
     from adapters.ipaas import HookProbe
     from adapters.kafka import KafkaOptions
     from adapters.pubsub import PubSubOptions
     from adapters.push import PushOptions
-    from adapters.state_redis import RedisOptions, RedisStateStore
+    from adapters.redis.state import RedisOptions, RedisStateStore
 
 
 class Serving(Protocol):
@@ -111,14 +111,14 @@ def push_options(settings: Settings) -> PushOptions:
 
 def redis_key_prefix(settings: Settings) -> str:
     """The prefix of this deployment's Redis keys: one per project and hook, so deployments can share."""
-    from adapters.state_redis import key_prefix
+    from adapters.redis.state import key_prefix
 
     return key_prefix(settings.ctp_project_key, settings.ipaas_hook_url)
 
 
 def redis_options(settings: Settings) -> RedisOptions:
     """The Redis of CTSYNC_STATE_URL, with this deployment's key prefix."""
-    from adapters.state_redis import RedisOptions
+    from adapters.redis.state import RedisOptions
 
     state = settings.state
     assert state.kind == "redis", "Redis options need a redis:// CTSYNC_STATE_URL"
@@ -164,11 +164,11 @@ def router(settings: Settings) -> Router:
 async def state_store(settings: Settings) -> StateStore:
     state = settings.state
     if state.kind == "memory":
-        from adapters.state_memory import MemoryStateStore
+        from adapters.memory import MemoryStateStore
 
         return MemoryStateStore()
     if state.kind == "sqlite":
-        from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
+        from adapters.sqlite.state import SqliteStateStore, UnusableStateFile
 
         assert state.path is not None
         store = SqliteStateStore(state.path)
@@ -178,7 +178,7 @@ async def state_store(settings: Settings) -> StateStore:
             raise UnsupportedSetting(f"CTSYNC_STATE_URL: {exc}") from None
         return store
     if state.kind == "redis":
-        from adapters.state_redis import open_state_store
+        from adapters.redis.state import open_state_store
 
         # Unchecked: a replica starts while Redis is down and reports not-ready until it answers.
         return await open_state_store(redis_options(settings), check=False)
@@ -188,7 +188,7 @@ async def state_store(settings: Settings) -> StateStore:
 async def throttle_store(settings: Settings) -> ThrottleStore:
     """The throttle budget: shared by every replica through Redis with Redis state, else this process's."""
     if settings.state.kind == "redis":
-        from adapters.throttle_redis import open_throttle_store
+        from adapters.redis.throttle import open_throttle_store
 
         return await open_throttle_store(redis_options(settings), configured_limits(settings), check=False)
     return LocalThrottleStore(configured_limits(settings))
@@ -321,7 +321,7 @@ async def probe_dead_letter_topic(settings: Settings) -> str:
 
 async def sqlite_state_problem(path: Path) -> str | None:
     """Open the SQLite state file at ``path`` and close it; return why it cannot be used, if it cannot."""
-    from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
+    from adapters.sqlite.state import SqliteStateStore, UnusableStateFile
 
     store = SqliteStateStore(path)
     try:
@@ -335,7 +335,7 @@ async def sqlite_state_problem(path: Path) -> str | None:
 async def redis_state_store(settings: Settings) -> RedisStateStore:
     """Open the Redis state store and PING it; raise ``StoreUnavailable`` (a ConnectionError) if it does
     not answer."""
-    from adapters.state_redis import open_state_store
+    from adapters.redis.state import open_state_store
 
     return await open_state_store(redis_options(settings))
 
@@ -372,17 +372,17 @@ async def cursor_store(settings: Settings) -> CursorStore:
     """Open the store of sweep cursors that goes with CTSYNC_STATE_URL."""
     state = settings.state
     if state.kind == "sqlite":
-        from adapters.cursor_store import SqliteCursorStore
+        from adapters.sqlite.cursors import SqliteCursorStore
 
         assert state.path is not None
         store = SqliteCursorStore(state.path)
         await store.open()
         return store
     if state.kind == "redis":
-        from adapters.cursor_store import open_redis_cursor_store
+        from adapters.redis.cursors import open_cursor_store
 
-        return await open_redis_cursor_store(redis_options(settings))
-    from adapters.cursor_store import MemoryCursorStore
+        return await open_cursor_store(redis_options(settings))
+    from adapters.memory import MemoryCursorStore
 
     return MemoryCursorStore()
 
@@ -400,7 +400,7 @@ def backfill_source(
     save: bool,
 ) -> BackfillSource:
     """A sweep's source over the project's query endpoints, resuming from ``cursors`` under ``key``."""
-    from adapters.backfill import BackfillSource
+    from adapters.backfill_source import BackfillSource
 
     return BackfillSource(
         client.query_pages,

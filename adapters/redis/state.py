@@ -1,8 +1,9 @@
 """Dedupe state in Redis, shared by every replica: delivered keys and watermarks, each with a TTL.
 
-Keys live under a prefix derived from the commercetools project key and the hook URL (``key_prefix``), so
-two deployments can share one Redis. The prefix's hash is a Redis Cluster hash tag (``ctsync:{...}:``): all
-keys of a deployment sit in one slot, which lets one script touch any of them.
+Keys live under the prefix ``RedisOptions`` gives, which wiring derives from the commercetools project key
+and the hook URL (``key_prefix``), so two deployments can share one Redis. The prefix's hash is a Redis
+Cluster hash tag (``ctsync:{...}:``): all keys of a deployment sit in one slot, which lets one script touch
+any of them.
 
 One round trip per port call, whatever the batch size: ``lookup`` is one ``MGET`` over the message keys and
 the watermark keys; ``claim`` is one script that claims the batch's resources and reads their watermarks

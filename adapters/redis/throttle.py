@@ -38,7 +38,7 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from adapters.state_redis import (
+from adapters.redis.state import (
     CALL_TIMEOUT,
     RedisGuard,
     RedisOptions,
