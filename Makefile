@@ -66,7 +66,7 @@ image: servers
 servers:
 	@tools/install-test-servers
 
-test: install servers lint typecheck deptry
+test: install servers lint typecheck architecture deptry
 	$(BIN)/pytest -q
 
 # Each benchmark starts the servers it needs (tansu, pstest, redis-server, commercetools-mock) and prints

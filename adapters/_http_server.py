@@ -6,13 +6,23 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Generator
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from consumer.config import ListenAddress
+
+class ListenAddress(NamedTuple):
+    """A ``host:port`` to listen on; port 0 asks the OS for a free port (tests)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
 
 # Request line and headers larger than this are refused (400) before they are buffered further.
 MAX_HEADER_BYTES: Final = 16 * 1024

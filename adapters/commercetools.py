@@ -22,10 +22,10 @@ from typing import Any, Final, Self
 
 import httpx
 import orjson
+from pydantic import SecretStr
 
 from adapters._text import USER_AGENT, Secret, one_line
 from consumer.audit import redact
-from consumer.config import Settings
 from consumer.retry import backoff_delay as backoff
 
 DEFAULT_TIMEOUT: Final = 30.0
@@ -39,6 +39,18 @@ REFRESH_AT_SHARE: Final = 0.5
 _RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 _MESSAGE_LIMIT: Final = 300
 _CORRELATION_HEADER: Final = "X-Correlation-ID"
+
+
+@dataclass(frozen=True, slots=True)
+class CommercetoolsOptions:
+    """The project and the API client that reads it: URLs of its region, credentials, scopes."""
+
+    project_key: str
+    api_url: str
+    auth_url: str
+    client_id: str
+    client_secret: SecretStr
+    scopes: tuple[str, ...] = ()
 
 
 class CommercetoolsError(Exception):
@@ -320,21 +332,16 @@ class CommercetoolsClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, **options: Any) -> CommercetoolsClient:
-        """Build a client from the CTP_* settings; raise ValueError naming the first one missing."""
-        for name in ("CTP_PROJECT_KEY", "CTP_CLIENT_ID", "CTP_CLIENT_SECRET", "CTP_AUTH_URL", "CTP_API_URL"):
-            if getattr(settings, name.lower()) is None:
-                raise ValueError(f"{name}: required")
-        secret = settings.ctp_client_secret
-        assert secret is not None
+    def from_options(cls, options: CommercetoolsOptions, **overrides: Any) -> CommercetoolsClient:
+        """Build a client for the project and API client ``options`` name."""
         return cls(
-            project_key=str(settings.ctp_project_key),
-            api_url=str(settings.ctp_api_url),
-            auth_url=str(settings.ctp_auth_url),
-            client_id=str(settings.ctp_client_id),
-            client_secret=secret.get_secret_value(),
-            scopes=settings.scopes,
-            **options,
+            project_key=options.project_key,
+            api_url=options.api_url,
+            auth_url=options.auth_url,
+            client_id=options.client_id,
+            client_secret=options.client_secret.get_secret_value(),
+            scopes=list(options.scopes),
+            **overrides,
         )
 
     async def __aenter__(self) -> Self:

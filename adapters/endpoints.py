@@ -22,9 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters._http_server import EmbeddedServer, listen_socket, serve
+from adapters._http_server import EmbeddedServer, ListenAddress, listen_socket, serve
 from consumer.audit import redact
-from consumer.config import ListenAddress
 from consumer.pipeline import Pipeline
 from consumer.ports import Source
 

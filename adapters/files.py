@@ -1,74 +1,21 @@
 """JSONL files: a source of payloads (``ctsync replay``, ``CTSYNC_SOURCE=file:...``) and a dead-letter sink.
 
-A dead-letter record is one JSON object per line::
-
-    {"type": "ctsync.dead_letter", "time": "...", "reason": "...", "source": "kafka", "position": "...",
-     "message_key": "...", "source_fields": {...}, "payload": "<original text>", "payload_encoding": "utf-8"}
-
-``payload_encoding`` is ``base64`` when the original bytes were not UTF-8. The file source reads such records
-back as their original payloads, so a dead-letter file can be replayed as it is after a fix.
+A dead-letter record is one JSON object per line (``consumer.dead_letters`` defines it). The file source
+reads such records back as their original payloads, so a dead-letter file can be replayed as it is after a
+fix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import orjson
-
-from consumer import audit
+from consumer import audit, dead_letters
 from consumer.ports import DeadLetter, Envelope, Fetched
-
-DEAD_LETTER_TYPE = "ctsync.dead_letter"
-_DEAD_LETTER_PREFIX = b'{"type":"' + DEAD_LETTER_TYPE.encode() + b'"'
-
-
-def dead_letter_record(letter: DeadLetter) -> dict[str, Any]:
-    """Return the JSON record of a dead letter (original payload as text, or base64 if not UTF-8)."""
-    try:
-        payload, encoding = letter.body.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        payload, encoding = base64.b64encode(letter.body).decode("ascii"), "base64"
-    return {
-        "type": DEAD_LETTER_TYPE,
-        "time": letter.time.isoformat(),
-        "reason": letter.reason,
-        "source": letter.source,
-        "position": letter.position,
-        "message_key": letter.message_key,
-        "source_fields": dict(letter.source_fields),
-        "payload": payload,
-        "payload_encoding": encoding,
-    }
-
-
-class MalformedDeadLetter(ValueError):
-    """A line that starts as a dead-letter record but is not a whole one (a write cut short, an edit)."""
-
-
-def original_payload(line: bytes) -> tuple[bytes, dict[str, Any] | None]:
-    """Return the payload a line carries: itself, or the original inside a dead-letter record.
-
-    Raise MalformedDeadLetter for a broken dead-letter record: taking it as a raw payload would lose its
-    reason, time and position.
-    """
-    if not line.startswith(_DEAD_LETTER_PREFIX):
-        return line, None
-    try:
-        record = orjson.loads(line)
-        payload = record["payload"]
-        if record.get("payload_encoding") == "base64":
-            return base64.b64decode(payload, validate=True), record
-        return str(payload).encode("utf-8"), record
-    except orjson.JSONDecodeError:
-        raise MalformedDeadLetter("not a whole dead-letter record (a write cut short?)") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MalformedDeadLetter(f"a dead-letter record without a readable payload ({exc!r})") from None
 
 
 class JsonlFileSource:
@@ -170,16 +117,14 @@ class JsonlFileSource:
             if not line:
                 continue
             try:
-                body, record = original_payload(line)
-            except MalformedDeadLetter as exc:
+                body, origin = dead_letters.read_file_line(line)
+            except dead_letters.MalformedDeadLetter as exc:
                 self.malformed.append((self._line, str(exc)))
                 self.log.error("dead_letter.malformed", file=str(self.path), line=self._line, reason=str(exc))
                 continue
             fields: dict[str, object] = {"file": str(self.path), "line": self._line}
-            if record is not None:
-                fields["dead_letter_reason"] = record.get("reason")
-                fields["dead_letter_time"] = record.get("time")
-                fields["original_position"] = record.get("position")
+            if origin is not None:
+                fields.update(dead_letters.replay_fields(origin))
             envelopes.append(Envelope(body=body, position=f"{self.path}:{self._line}", source_fields=fields))
         else:
             self._eof = False
@@ -236,7 +181,7 @@ class FileDeadLetterSink:
     async def write(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
-        lines = b"".join(orjson.dumps(dead_letter_record(letter), default=str) + b"\n" for letter in letters)
+        lines = b"".join(dead_letters.file_line(letter) for letter in letters)
         await asyncio.to_thread(self._append, lines)
 
     async def close(self) -> None:

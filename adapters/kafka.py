@@ -14,16 +14,18 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
+from pydantic import SecretStr
 
-from consumer import audit
-from consumer.config import Settings
+from consumer import audit, dead_letters
 from consumer.offsets import OffsetTracker, PartitionOffsets
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, Fetched, Source
 
@@ -32,6 +34,23 @@ Partition = tuple[str, int]
 COMMIT_INTERVAL_S = 1.0
 FETCH_RECORDS_MAX = 5_000
 DEAD_LETTER_IDLE_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaOptions:
+    """What the Kafka clients need: brokers, topics, group, TLS and SASL, and the source's bounds."""
+
+    bootstrap_servers: tuple[str, ...]
+    topics: tuple[str, ...] = ()
+    group_id: str = "ctsync"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_in_flight: int = 10_000
+    drain_timeout_seconds: float = 30.0
 
 
 class SourceUnavailable(ConnectionError):
@@ -45,62 +64,62 @@ class SourceUnavailable(ConnectionError):
         self.fix = fix
 
 
-def client_options(settings: Settings) -> dict[str, Any]:
+def client_options(options: KafkaOptions) -> dict[str, Any]:
     """Return the connection options aiokafka clients share: servers, TLS (verified), SASL."""
-    protocol = settings.kafka_security_protocol
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_server_list,
+    protocol = options.security_protocol
+    shared: dict[str, Any] = {
+        "bootstrap_servers": list(options.bootstrap_servers),
         "security_protocol": protocol,
         "client_id": "ctsync",
     }
     if protocol in ("SSL", "SASL_SSL"):
         # Always verifies the broker's certificate and host name: against the system's CAs, or a private CA.
-        cafile = settings.kafka_ssl_cafile
-        options["ssl_context"] = create_ssl_context(cafile=str(cafile) if cafile is not None else None)
+        cafile = options.ssl_cafile
+        shared["ssl_context"] = create_ssl_context(cafile=str(cafile) if cafile is not None else None)
     if protocol.startswith("SASL_"):
-        password = settings.kafka_sasl_password
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        options["sasl_plain_password"] = password.get_secret_value() if password is not None else None
-    return options
+        password = options.sasl_password
+        shared["sasl_mechanism"] = options.sasl_mechanism
+        shared["sasl_plain_username"] = options.sasl_username
+        shared["sasl_plain_password"] = password.get_secret_value() if password is not None else None
+    return shared
 
 
-def _servers(settings: Settings) -> str:
-    return ",".join(settings.kafka_bootstrap_server_list)
+def _servers(options: KafkaOptions) -> str:
+    return ",".join(options.bootstrap_servers)
 
 
-def _unreachable(settings: Settings, exc: BaseException) -> SourceUnavailable:
+def _unreachable(options: KafkaOptions, exc: BaseException) -> SourceUnavailable:
     return SourceUnavailable(
-        f"KAFKA_BOOTSTRAP_SERVERS: cannot reach {_servers(settings)} ({type(exc).__name__}: {exc})"
+        f"KAFKA_BOOTSTRAP_SERVERS: cannot reach {_servers(options)} ({type(exc).__name__}: {exc})"
     )
 
 
-async def _connection_problem(settings: Settings, exc: BaseException) -> SourceUnavailable:
+async def _connection_problem(options: KafkaOptions, exc: BaseException) -> SourceUnavailable:
     """Say why the clients could not bootstrap, naming the setting to fix.
 
     aiokafka only logs each broker's error and raises "Unable to bootstrap"; one direct connection to the
     first broker, with the same TLS and SASL options, shows whether the credentials or the certificate were
     refused, or the protocol does not match the listener.
     """
-    server = settings.kafka_bootstrap_server_list[0]
+    server = options.bootstrap_servers[0]
     host, _, port = server.rpartition(":")
-    options = client_options(settings)
-    protocol = settings.kafka_security_protocol
+    shared = client_options(options)
+    protocol = options.security_protocol
     with_tls = protocol in ("SSL", "SASL_SSL")
     try:
         async with asyncio.timeout(5):
             connection = await create_conn(
                 host.strip("[]"),
                 int(port),
-                ssl_context=options.get("ssl_context"),
+                ssl_context=shared.get("ssl_context"),
                 security_protocol=protocol,
-                sasl_mechanism=options.get("sasl_mechanism", "PLAIN"),
-                sasl_plain_username=options.get("sasl_plain_username"),
-                sasl_plain_password=options.get("sasl_plain_password"),
+                sasl_mechanism=shared.get("sasl_mechanism", "PLAIN"),
+                sasl_plain_username=shared.get("sasl_plain_username"),
+                sasl_plain_password=shared.get("sasl_plain_password"),
             )
     except SaslAuthenticationFailed as refused:
         return SourceUnavailable(
-            f"KAFKA_SASL_PASSWORD: {server} refused the SASL {settings.kafka_sasl_mechanism} credentials of "
+            f"KAFKA_SASL_PASSWORD: {server} refused the SASL {options.sasl_mechanism} credentials of "
             f"KAFKA_SASL_USERNAME ({refused})",
             "check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD (Confluent Cloud: the cluster's API key and "
             "secret, not a Cloud API key)",
@@ -112,7 +131,7 @@ async def _connection_problem(settings: Settings, exc: BaseException) -> SourceU
                 f"KAFKA_BOOTSTRAP_SERVERS: the certificate of {server} is not for host {host} ({reason})",
                 "use the broker's host name as its certificate names it in KAFKA_BOOTSTRAP_SERVERS",
             )
-        cafile = settings.kafka_ssl_cafile
+        cafile = options.ssl_cafile
         trusted = f"the CA in {cafile}" if cafile is not None else "a CA of the system's store"
         return SourceUnavailable(
             f"KAFKA_SSL_CAFILE: the certificate of {server} does not chain to {trusted} ({reason})",
@@ -120,7 +139,7 @@ async def _connection_problem(settings: Settings, exc: BaseException) -> SourceU
         )
     except (ssl.SSLError, ConnectionResetError) as failed:
         if not with_tls:
-            return _unreachable(settings, exc)
+            return _unreachable(options, exc)
         # A listener without TLS reads the handshake as a broken request and drops the connection.
         return SourceUnavailable(
             f"KAFKA_SECURITY_PROTOCOL: the TLS handshake with {server} failed "
@@ -129,7 +148,7 @@ async def _connection_problem(settings: Settings, exc: BaseException) -> SourceU
         )
     except KafkaConnectionError:
         if with_tls:
-            return _unreachable(settings, exc)
+            return _unreachable(options, exc)
         # A TLS listener drops a connection whose first bytes are not a TLS handshake.
         return SourceUnavailable(
             f"KAFKA_SECURITY_PROTOCOL: {server} closed the connection at once: is it a TLS listener "
@@ -137,9 +156,9 @@ async def _connection_problem(settings: Settings, exc: BaseException) -> SourceU
             "check KAFKA_SECURITY_PROTOCOL against the listener behind KAFKA_BOOTSTRAP_SERVERS",
         )
     except (KafkaError, OSError, TimeoutError):
-        return _unreachable(settings, exc)
+        return _unreachable(options, exc)
     connection.close()
-    return _unreachable(settings, exc)
+    return _unreachable(options, exc)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -318,9 +337,7 @@ class KafkaSource:
         fields: dict[str, object] = {"topic": topic, "partition": partition, "offset": offset}
         if self.exhaust_after_idle is not None:
             # Reading dead letters back: their reason and time let a replay filter them.
-            for name, value in record.headers or ():
-                if name in ("ctsync-reason", "ctsync-time"):
-                    fields[f"dead_letter_{name[7:]}"] = value.decode("utf-8", "replace")
+            fields.update(dead_letters.replay_fields(dead_letters.from_kafka_headers(record.headers or ())))
         return fields
 
     def _pause(self) -> None:
@@ -394,30 +411,28 @@ class KafkaSource:
             await self.consumer.stop()
 
 
-def _consumer(settings: Settings, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
+def _consumer(options: KafkaOptions, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         group_id=group_id,
         enable_auto_commit=False,
-        auto_offset_reset=settings.kafka_auto_offset_reset,
+        auto_offset_reset=options.auto_offset_reset,
         fetch_max_bytes=4 * 1024 * 1024,
         max_partition_fetch_bytes=512 * 1024,
-        **client_options(settings),
+        **client_options(options),
         **extra,
     )
 
 
-async def open_source(settings: Settings) -> Source:
-    drain = settings.ctsync_drain_timeout_seconds
+async def open_source(options: KafkaOptions) -> Source:
+    drain = options.drain_timeout_seconds
     consumer = _consumer(
-        settings,
-        settings.kafka_group_id,
+        options,
+        options.group_id,
         # A revocation waits for in-flight work up to the drain deadline; the group must allow that long.
         rebalance_timeout_ms=int((drain + 30) * 1000),
         max_poll_interval_ms=int(max(300.0, drain + 60) * 1000),
     )
-    source = KafkaSource(
-        consumer, settings.kafka_topic_list, max_in_flight=settings.ctsync_max_in_flight, revoke_timeout=drain
-    )
+    source = KafkaSource(consumer, options.topics, max_in_flight=options.max_in_flight, revoke_timeout=drain)
     try:
         await source.start()
     except (KafkaError, OSError) as exc:
@@ -425,18 +440,18 @@ async def open_source(settings: Settings) -> Source:
             raise
         with contextlib.suppress(Exception):
             await consumer.stop()
-        raise await _connection_problem(settings, exc) from None
+        raise await _connection_problem(options, exc) from None
     return source
 
 
-async def open_dead_letter_source(settings: Settings, name: str) -> Source:
+async def open_dead_letter_source(options: KafkaOptions, name: str) -> Source:
     """Read what waits on dead-letter topic ``name`` (group ``<KAFKA_GROUP_ID>-dead-letters``), then stop."""
-    consumer = _consumer(settings, f"{settings.kafka_group_id}-dead-letters")
+    consumer = _consumer(options, f"{options.group_id}-dead-letters")
     source = KafkaSource(
         consumer,
         [name],
-        max_in_flight=settings.ctsync_max_in_flight,
-        revoke_timeout=settings.ctsync_drain_timeout_seconds,
+        max_in_flight=options.max_in_flight,
+        revoke_timeout=options.drain_timeout_seconds,
         exhaust_after_idle=DEAD_LETTER_IDLE_S,
     )
     source.name = "kafka-dead-letters"
@@ -445,48 +460,48 @@ async def open_dead_letter_source(settings: Settings, name: str) -> Source:
     except (KafkaError, OSError) as exc:
         if isinstance(exc, SourceUnavailable):
             raise
-        raise await _connection_problem(settings, exc) from None
+        raise await _connection_problem(options, exc) from None
     return source
 
 
-async def probe(settings: Settings) -> str:
+async def probe(options: KafkaOptions) -> str:
     """Check the brokers answer and every topic of KAFKA_TOPICS exists; describe what was found."""
-    consumer = AIOKafkaConsumer(**client_options(settings))
+    consumer = AIOKafkaConsumer(**client_options(options))
     try:
         await consumer.start()
     except (KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await consumer.stop()
-        raise await _connection_problem(settings, exc) from None
+        raise await _connection_problem(options, exc) from None
     try:
         # The partition counts come from the same answer: a consumer subscribed to nothing keeps no
         # topic's metadata (tansu answered with every topic anyway; Apache Kafka rightly does not).
         cluster = await consumer._client.fetch_all_metadata()
         known = cluster.topics()
-        missing = [topic for topic in settings.kafka_topic_list if topic not in known]
+        missing = [topic for topic in options.topics if topic not in known]
         if missing:
-            raise LookupError(f"KAFKA_TOPICS: no such topic on {_servers(settings)}: {', '.join(missing)}")
+            raise LookupError(f"KAFKA_TOPICS: no such topic on {_servers(options)}: {', '.join(missing)}")
         found = ", ".join(
             f"{topic} ({len(cluster.partitions_for_topic(topic) or ())} partitions)"
-            for topic in settings.kafka_topic_list
+            for topic in options.topics
         )
-        return f"Kafka at {_servers(settings)}: {found}"
+        return f"Kafka at {_servers(options)}: {found}"
     finally:
         await consumer.stop()
 
 
-async def probe_topic(settings: Settings, topic: str) -> str:
+async def probe_topic(options: KafkaOptions, topic: str) -> str:
     """Check that the brokers answer and ``topic`` exists (``ctsync check`` of a dead-letter topic)."""
-    consumer = AIOKafkaConsumer(**client_options(settings))
+    consumer = AIOKafkaConsumer(**client_options(options))
     try:
         await consumer.start()
     except (KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await consumer.stop()
-        raise _unreachable(settings, exc) from None
+        raise _unreachable(options, exc) from None
     try:
         if topic not in await consumer.topics():
-            raise LookupError(f"no such topic on {_servers(settings)}: {topic}")
+            raise LookupError(f"no such topic on {_servers(options)}: {topic}")
         return f"Kafka topic {topic} exists ({len(consumer.partitions_for_topic(topic) or ())} partitions)"
     finally:
         await consumer.stop()
@@ -502,7 +517,7 @@ class KafkaDeadLetterSink:
     async def write(self, letters: Sequence[DeadLetter]) -> None:
         sent = [
             await self.producer.send(
-                self.topic, value=letter.body, key=letter.key, headers=dead_letter_headers(letter)
+                self.topic, value=letter.body, key=letter.key, headers=dead_letters.kafka_headers(letter)
             )
             for letter in letters
         ]
@@ -513,32 +528,17 @@ class KafkaDeadLetterSink:
         await self.producer.stop()
 
 
-def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
-    headers = [
-        ("ctsync-reason", letter.reason.encode("utf-8")),
-        ("ctsync-time", letter.time.isoformat().encode("ascii")),
-        ("ctsync-source", letter.source.encode("utf-8")),
-        ("ctsync-position", letter.position.encode("utf-8")),
-    ]
-    if letter.message_key is not None:
-        headers.append(("ctsync-message-key", letter.message_key.encode("utf-8")))
-    for field in ("topic", "partition", "offset"):
-        if field in letter.source_fields:
-            headers.append((f"ctsync-source-{field}", str(letter.source_fields[field]).encode("utf-8")))
-    return headers
-
-
-async def open_dead_letter_sink(settings: Settings, topic: str) -> DeadLetterSink:
-    producer = AIOKafkaProducer(acks="all", linger_ms=5, **client_options(settings))
+async def open_dead_letter_sink(options: KafkaOptions, topic: str) -> DeadLetterSink:
+    producer = AIOKafkaProducer(acks="all", linger_ms=5, **client_options(options))
     try:
         await producer.start()
     except (KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await producer.stop()
-        problem = await _connection_problem(settings, exc)
+        problem = await _connection_problem(options, exc)
         if problem.fix is not None:
             raise problem from None
         raise ConnectionError(
-            f"CTSYNC_DEAD_LETTER_URL: cannot reach {_servers(settings)} ({type(exc).__name__}: {exc})"
+            f"CTSYNC_DEAD_LETTER_URL: cannot reach {_servers(options)} ({type(exc).__name__}: {exc})"
         ) from None
     return KafkaDeadLetterSink(producer, topic)

@@ -41,9 +41,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters._http_server import EmbeddedServer, guarded_protocol, listen_socket, serve
+from adapters._http_server import EmbeddedServer, ListenAddress, guarded_protocol, listen_socket, serve
 from consumer import audit
-from consumer.config import ListenAddress, Settings
 from consumer.ports import Envelope, Fetched, Source
 from consumer.retry import backoff_delay
 
@@ -507,20 +506,33 @@ class PushSource:
             await self.verifier.close()
 
 
-async def open_source(settings: Settings, *, certs_url: str = GOOGLE_CERTS_URL) -> Source:
+@dataclass(frozen=True, slots=True)
+class PushOptions:
+    """Where the push endpoint listens, whose tokens it accepts, and its bounds."""
+
+    listen: ListenAddress
+    audience: str | None = None
+    service_account: str | None = None
+    max_in_flight: int = 10_000
+    header_timeout_seconds: float = 10.0
+    max_connections: int = 256
+    keep_alive_seconds: int = 5
+
+
+async def open_source(options: PushOptions, *, certs_url: str = GOOGLE_CERTS_URL) -> Source:
     """Start the push endpoint on PUSH_LISTEN; ``certs_url`` replaces Google's certificates (tests)."""
     verifier = (
-        OidcVerifier(settings.push_audience, settings.push_service_account, certs_url=certs_url)
-        if settings.push_audience is not None
+        OidcVerifier(options.audience, options.service_account, certs_url=certs_url)
+        if options.audience is not None
         else None
     )
     source = PushSource(
-        max_in_flight=settings.ctsync_max_in_flight,
+        max_in_flight=options.max_in_flight,
         verifier=verifier,
         body_timeout=BODY_TIMEOUT_SECONDS,
-        header_timeout=settings.push_header_timeout_seconds,
-        max_connections=settings.push_max_connections,
-        keep_alive=settings.push_keep_alive_seconds,
+        header_timeout=options.header_timeout_seconds,
+        max_connections=options.max_connections,
+        keep_alive=options.keep_alive_seconds,
     )
     if not source.authenticated:
         # Only reachable with PUSH_ALLOW_UNAUTHENTICATED=true: configuration checks refuse it otherwise.
@@ -535,7 +547,7 @@ async def open_source(settings: Settings, *, certs_url: str = GOOGLE_CERTS_URL) 
             ),
         )
     try:
-        await source.start(settings.push_listen)
+        await source.start(options.listen)
     except BaseException:
         await source.close()
         raise

@@ -22,8 +22,8 @@ from collections import Counter
 
 import orjson
 
-from adapters.state_memory import MemoryStateStore
-from adapters.state_sqlite import SqliteStateStore
+from adapters.memory import MemoryStateStore
+from adapters.sqlite.state import SqliteStateStore
 from consumer import audit
 from consumer.cli import lifecycle
 from consumer.dedupe import Deduplicator

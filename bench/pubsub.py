@@ -30,9 +30,9 @@ from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from pipeline import UNTHROTTLED, payloads
 
 from adapters import pubsub
-from adapters.state_memory import MemoryStateStore
+from adapters.memory import MemoryStateStore
 from consumer import audit
-from consumer.cli import lifecycle
+from consumer.cli import lifecycle, wiring
 from consumer.config import load_settings
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions
@@ -236,7 +236,7 @@ def pubsub_env(host: str, subscription: str) -> dict[str, str]:
 
 def bare_subscriber(host: str, subscription: str, count: int) -> float:
     settings = load_settings(environ=pubsub_env(host, subscription), for_command="check")
-    client = pubsub.subscriber_client(settings)
+    client = pubsub.subscriber_client(wiring.pubsub_options(settings))
     completion = Completion(count, flow_control=False)
 
     def callback(message: Any) -> None:
@@ -257,7 +257,7 @@ def bare_subscriber(host: str, subscription: str, count: int) -> float:
 async def ctsync_subscriber(host: str, subscription: str, count: int) -> float:
     settings = load_settings(environ=pubsub_env(host, subscription), for_command="check")
     started = time.perf_counter()
-    source = await pubsub.open_source(settings)
+    source = await pubsub.open_source(wiring.pubsub_options(settings))
     pipeline = build_pipeline(source)
     stop = asyncio.Event()
 

@@ -26,9 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from adapters.state_redis import open_state_store  # noqa: E402
-from adapters.throttle_redis import open_throttle_store  # noqa: E402
+from adapters.redis.state import open_state_store  # noqa: E402
+from adapters.redis.throttle import open_throttle_store  # noqa: E402
 from consumer import audit  # noqa: E402
+from consumer.cli import wiring  # noqa: E402
 from consumer.cli.wiring import configured_limits, router  # noqa: E402
 from consumer.config import load_settings  # noqa: E402
 from consumer.dedupe import Deduplicator  # noqa: E402
@@ -147,9 +148,9 @@ async def round_trips(
         "IPAAS_BATCH_SIZE": str(batch_size),
     }
     settings = load_settings(None, environ=environ, for_command="replay")
-    state = await open_state_store(settings)
+    state = await open_state_store(wiring.redis_options(settings))
     limits = configured_limits(settings)
-    throttle_port = await open_throttle_store(settings, limits)
+    throttle_port = await open_throttle_store(wiring.redis_options(settings), limits)
     sink = RecordingSink()
     pipeline = Pipeline(
         source=ListSource(updates(count, f"rt{batch_size}-{uuid.uuid4().hex[:6]}")),

@@ -1,7 +1,7 @@
 """``ctsync check``: the installation guide's verification, one result per check, each failure with its fix.
 
 The functions that judge (URLs, scopes, answers) are pure; ``run_checks`` performs the calls through the
-adapters, which it imports lazily so the core stays free of HTTP and broker libraries.
+adapters, which wiring builds (and imports lazily, so the core stays free of HTTP and broker libraries).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from consumer.config import KNOWN_REGIONS, Problem, Settings, commercetools_regi
 from consumer.config.values import commercetools_url
 
 if TYPE_CHECKING:
-    from adapters.commercetools import CommercetoolsClient
+    from consumer.cli.wiring import CommercetoolsClient
 
 # How long a probe of one outside system may take before its check fails.
 PROBE_SECONDS: Final = 15.0
@@ -441,16 +441,11 @@ async def _dead_letter_check(settings: Settings) -> CheckResult:
             "check CTSYNC_DEAD_LETTER_URL and permissions",
         )
     assert target.topic is not None
+    from consumer.cli import wiring
+
     try:
         async with asyncio.timeout(PROBE_SECONDS):
-            if target.kind == "kafka":
-                from adapters import kafka
-
-                description = await kafka.probe_topic(settings, target.topic)
-            else:
-                from adapters import pubsub
-
-                description = await pubsub.probe_topic(settings, target.topic)
+            description = await wiring.probe_dead_letter_topic(settings)
     except TimeoutError:
         return fail(
             name, f"{target.kind}: no answer within {PROBE_SECONDS:g}s", "check CTSYNC_DEAD_LETTER_URL"
@@ -466,6 +461,8 @@ async def _dead_letter_check(settings: Settings) -> CheckResult:
 
 async def _state_check(settings: Settings) -> CheckResult:
     """The state store opens and answers: Redis PINGs, a SQLite file can be created or written."""
+    from consumer.cli import wiring
+
     name, state = "state", settings.state
     if state.kind == "memory":
         return ok(name, "memory: nothing is remembered across restarts (fine for tests, not for production)")
@@ -473,23 +470,18 @@ async def _state_check(settings: Settings) -> CheckResult:
         assert state.path is not None
         folder = state.path.parent
         if state.path.exists() and os.access(state.path, os.W_OK):
-            from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
-
-            sqlite = SqliteStateStore(state.path)
-            try:
-                await sqlite.open()
-            except UnusableStateFile as exc:
-                return fail(name, f"sqlite: {exc}", "move the file away or fix CTSYNC_STATE_URL", config=True)
-            await sqlite.close()
+            problem = await wiring.sqlite_state_problem(state.path)
+            if problem is not None:
+                return fail(
+                    name, f"sqlite: {problem}", "move the file away or fix CTSYNC_STATE_URL", config=True
+                )
             return ok(name, f"sqlite: {state.path} is writable")
         if not state.path.exists() and folder.is_dir() and os.access(folder, os.W_OK):
             return ok(name, f"sqlite: {state.path} will be created")
         return fail(name, f"sqlite: {state.path} cannot be written", "check CTSYNC_STATE_URL and permissions")
-    from adapters.state_redis import open_state_store
-
     try:
         async with asyncio.timeout(PROBE_SECONDS):
-            store = await open_state_store(settings)
+            store = await wiring.redis_state_store(settings)
             await store.close()
     except (TimeoutError, ConnectionError, OSError) as exc:
         return fail(
@@ -507,15 +499,14 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
     if missing or not region.passed:
         why = f"{', '.join(missing)} not set or not valid" if missing else "fix the region check first"
         return [skip(name, f"not run: {why}") for name in ("token", "scopes", "operator-scopes", "project")]
-    from adapters.commercetools import CommercetoolsClient, CommercetoolsError
     from consumer.cli import wiring
 
     project_key = str(settings.ctp_project_key)
     results: list[CheckResult] = []
-    async with CommercetoolsClient.from_settings(settings, timeout=PROBE_SECONDS, attempts=2) as client:
+    async with wiring.commercetools_client(settings, timeout=PROBE_SECONDS, attempts=2) as client:
         try:
             granted = await client.granted_scopes()
-        except CommercetoolsError as exc:
+        except wiring.commercetools_error() as exc:
             results.append(token_failure(exc.status, exc.codes, exc.message))
             results += [skip(name, "not run: no token") for name in ("scopes", "operator-scopes", "project")]
             return results
@@ -534,18 +525,18 @@ async def _commercetools_checks(settings: Settings, region: CheckResult) -> list
 
 
 async def _project_check(client: CommercetoolsClient, project_key: str) -> CheckResult:
-    from adapters.commercetools import CommercetoolsError
+    from consumer.cli import wiring
 
     try:
         project = await client.get_project()
-    except CommercetoolsError as exc:
+    except wiring.commercetools_error() as exc:
         if exc.status != 403:
             return project_failure(exc.status, exc.codes, exc.message, project_key)
         # Reading the project's settings takes view_project_settings, which ctsync itself never needs;
         # the subscriptions endpoint (manage_subscriptions) shows the project answers just as well.
         try:
             await client.request("GET", "/subscriptions", params=[("limit", "1"), ("withTotal", "false")])
-        except CommercetoolsError as second:
+        except wiring.commercetools_error() as second:
             return project_failure(second.status, second.codes, second.message, project_key)
         return ok("project", f"project {project_key!r} answers (its subscriptions are readable)")
     name = project.get("name") or project.get("key")
@@ -562,11 +553,9 @@ async def _hook_check(settings: Settings) -> CheckResult:
         )
     if settings.ipaas_webhook_api_key is None:
         return skip("hook", "not run: IPAAS_WEBHOOK_API_KEY is not set")
-    from adapters.ipaas import probe_hook
+    from consumer.cli import wiring
 
-    answer = await probe_hook(
-        settings.ipaas_hook_url, settings.ipaas_webhook_api_key.get_secret_value(), seconds=PROBE_SECONDS
-    )
+    answer = await wiring.probe_hook(settings, seconds=PROBE_SECONDS)
     return hook_result(answer.status, answer.detail)
 
 
@@ -584,16 +573,11 @@ async def _source_check(settings: Settings) -> CheckResult:
         return fail(name, f"file {spec.path} does not exist or is not readable", "check CTSYNC_SOURCE")
     if spec.kind == "push":
         return _bind_check(settings)
+    from consumer.cli import wiring
+
     try:
         async with asyncio.timeout(PROBE_SECONDS):
-            if spec.kind == "kafka":
-                from adapters import kafka
-
-                description = await kafka.probe(settings)
-            else:
-                from adapters import pubsub
-
-                description = await pubsub.probe(settings)
+            description = await wiring.probe_source(settings)
     except TimeoutError:
         return fail(name, f"{spec.kind}: no answer within {PROBE_SECONDS:g}s", _source_fix(spec.kind))
     except (ConnectionError, LookupError, OSError) as exc:

@@ -108,11 +108,10 @@ def _topic_of_subscription(settings: Settings) -> str:
     )
     if settings.pubsub_subscription is None:
         config_failure([needed])
-    from adapters import pubsub
 
     async def read() -> str:
         async with asyncio.timeout(30):
-            return await pubsub.subscription_topic(settings)
+            return await wiring.pubsub_subscription_topic(settings)
 
     try:
         topic = asyncio.run(read())
@@ -176,12 +175,11 @@ def subscription_ensure(
 
 
 async def _ensure(settings: Settings, draft: dict[str, Any]) -> int:
-    from adapters.commercetools import CommercetoolsClient, CommercetoolsError
     from consumer import subscription as sub
 
     key = str(draft["key"])
     try:
-        async with CommercetoolsClient.from_settings(settings) as client:
+        async with wiring.commercetools_client(settings) as client:
             existing = await client.get_subscription(key)
             if existing is None:
                 result = await client.create_subscription(draft)
@@ -197,7 +195,7 @@ async def _ensure(settings: Settings, draft: dict[str, Any]) -> int:
                 else:
                     result = existing
                     click.echo(f"subscription {key} is up to date (version {result.get('version')})")
-    except CommercetoolsError as exc:
+    except wiring.commercetools_error() as exc:
         click.echo(f"ctsync: {exc}", err=True)
         if exc.status == 403 or "insufficient_scope" in exc.codes:
             click.echo(f"  the API client needs manage_subscriptions:{settings.ctp_project_key}", err=True)
@@ -443,27 +441,13 @@ def dead_letters_replay(
     opened: list[Source] = []
 
     async def open_source() -> Source:
-        inner: Source
         try:
-            if kind == "file":
-                from adapters.files import JsonlFileSource
-
-                inner = JsonlFileSource(name, snapshot=True)
-                inner.open()
-            elif kind == "kafka":
-                from adapters import kafka
-
-                inner = await kafka.open_dead_letter_source(settings, name)
-            else:
-                from adapters import pubsub
-
-                pulled = await pubsub.open_dead_letter_source(settings, name, snapshot=started)
-                inner = pulled
-                if pulled.topic is not None and target == f"pubsub://{pulled.topic}":
-                    await pulled.close()
-                    usage_failure(
-                        f"--failed-to: {target} is the topic {name} is attached to; give another target"
-                    )
+            inner, attached_to = await wiring.dead_letter_source(settings, kind, name, snapshot=started)
+            if attached_to is not None and target == f"pubsub://{attached_to}":
+                await inner.close()
+                usage_failure(
+                    f"--failed-to: {target} is the topic {name} is attached to; give another target"
+                )
         except LookupError as exc:
             raise ConnectionError(str(exc)) from None
         opened.append(inner)

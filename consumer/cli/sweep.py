@@ -40,7 +40,7 @@ from consumer.throttle import (
 )
 
 if TYPE_CHECKING:
-    from adapters.commercetools import CommercetoolsClient
+    from consumer.cli.wiring import CommercetoolsClient
 
 TYPES_OPTION = click.option(
     "--type",
@@ -210,11 +210,9 @@ class _PrintSink:
 
 
 async def _subscription_health(client: CommercetoolsClient) -> None:
-    from adapters.commercetools import CommercetoolsError
-
     try:
         found = [s async for page in client.query_pages("subscriptions") for s in page]
-    except CommercetoolsError as exc:
+    except wiring.commercetools_error() as exc:
         click.echo(f"warning: cannot read the subscriptions' health: {exc}", err=True)
         return
     for line, _warning in sweep_text.subscription_report(found):
@@ -222,19 +220,16 @@ async def _subscription_health(client: CommercetoolsClient) -> None:
 
 
 async def _sweep(settings: Settings, plan: _SweepPlan) -> int:
-    from adapters.commercetools import CommercetoolsClient
-    from adapters.cursor_store import open_cursor_store
-
     log = audit.get_logger()
     try:
-        client = CommercetoolsClient.from_settings(settings)
+        client = wiring.commercetools_client(settings)
     except ValueError as exc:
         config_failure([str(exc)])
     try:
         if plan.command == "reconcile":
             await _subscription_health(client)
         try:
-            cursors = await open_cursor_store(settings)
+            cursors = await wiring.cursor_store(settings)
         except (OSError, ImportError) as exc:
             click.echo(f"ctsync: cannot open the cursor store: {describe_error(exc)}", err=True)
             return EXIT_FAILURE
@@ -249,13 +244,10 @@ async def _sweep(settings: Settings, plan: _SweepPlan) -> int:
 async def _sweep_with(
     settings: Settings, plan: _SweepPlan, client: CommercetoolsClient, cursors: CursorStore, log: Any
 ) -> int:
-    from adapters.backfill import BackfillSource
-
     key = bf.run_key(plan.command, plan.mode, plan.since, plan.until)
-    source = BackfillSource(
-        client.query_pages,
+    source = wiring.backfill_source(
+        client,
         plan.types,
-        project_key=client.project_key,
         mode=plan.mode,
         cursors=cursors,
         key=key,

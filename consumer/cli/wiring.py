@@ -9,21 +9,34 @@ the broker and HTTP libraries it touches.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from consumer import audit
-from consumer.config import Settings
+from consumer.config import ListenAddress, Settings
 from consumer.dedupe import Deduplicator
 from consumer.dry_run import DryRunSink, HandingBackSource, ReadOnlyStateStore
 from consumer.pipeline import Pipeline, PipelineOptions
-from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleStore
+from consumer.ports import CursorStore, DeadLetterSink, Sink, Source, StateStore, ThrottleStore
 from consumer.retry import backoff_delay
 from consumer.routing import Router, ScopeMap, load_scope_map
+from consumer.sweep import Mode
 from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
+
+if TYPE_CHECKING:
+    from adapters import _http_server
+    from adapters.backfill_source import BackfillSource
+    from adapters.commercetools import CommercetoolsClient as CommercetoolsClient
+    from adapters.commercetools import CommercetoolsError, CommercetoolsOptions
+    from adapters.ipaas import HookProbe
+    from adapters.kafka import KafkaOptions
+    from adapters.pubsub import PubSubOptions
+    from adapters.push import PushOptions
+    from adapters.redis.state import RedisOptions, RedisStateStore
 
 
 class Serving(Protocol):
@@ -38,6 +51,100 @@ STREAM_SOURCES = frozenset({"kafka", "kafka-dead-letters", "pubsub", "push"})
 
 class UnsupportedSetting(ValueError):
     """A valid setting this build cannot serve yet; the message names the variable."""
+
+
+# ------------------------------------------------------------------ Settings -> the options of each adapter
+
+
+def listen_address(address: ListenAddress) -> _http_server.ListenAddress:
+    from adapters._http_server import ListenAddress as AdapterListenAddress
+
+    return AdapterListenAddress(address.host, address.port)
+
+
+def kafka_options(settings: Settings) -> KafkaOptions:
+    from adapters.kafka import KafkaOptions
+
+    return KafkaOptions(
+        bootstrap_servers=tuple(settings.kafka_bootstrap_server_list),
+        topics=tuple(settings.kafka_topic_list),
+        group_id=settings.kafka_group_id,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password,
+        ssl_cafile=settings.kafka_ssl_cafile,
+        auto_offset_reset=settings.kafka_auto_offset_reset,
+        max_in_flight=settings.ctsync_max_in_flight,
+        drain_timeout_seconds=settings.ctsync_drain_timeout_seconds,
+    )
+
+
+def pubsub_options(settings: Settings) -> PubSubOptions:
+    from adapters.pubsub import PubSubOptions
+
+    return PubSubOptions(
+        subscription=settings.pubsub_subscription,
+        emulator_host=settings.pubsub_emulator_host,
+        max_in_flight=settings.ctsync_max_in_flight,
+    )
+
+
+def push_options(settings: Settings) -> PushOptions:
+    """Raise ``UnsupportedSetting`` for an account without an audience: it is only checked inside a token."""
+    from adapters.push import PushOptions
+
+    if settings.push_service_account is not None and settings.push_audience is None:
+        raise UnsupportedSetting(
+            "PUSH_SERVICE_ACCOUNT: is checked only inside a verified token; set PUSH_AUDIENCE too"
+        )
+    return PushOptions(
+        listen=listen_address(settings.push_listen),
+        audience=settings.push_audience,
+        service_account=settings.push_service_account,
+        max_in_flight=settings.ctsync_max_in_flight,
+        header_timeout_seconds=settings.push_header_timeout_seconds,
+        max_connections=settings.push_max_connections,
+        keep_alive_seconds=settings.push_keep_alive_seconds,
+    )
+
+
+def redis_key_prefix(settings: Settings) -> str:
+    """The prefix of this deployment's Redis keys: one per project and hook, so deployments can share."""
+    from adapters.redis.state import key_prefix
+
+    return key_prefix(settings.ctp_project_key, settings.ipaas_hook_url)
+
+
+def redis_options(settings: Settings) -> RedisOptions:
+    """The Redis of CTSYNC_STATE_URL, with this deployment's key prefix."""
+    from adapters.redis.state import RedisOptions
+
+    state = settings.state
+    assert state.kind == "redis", "Redis options need a redis:// CTSYNC_STATE_URL"
+    return RedisOptions(url=state.url, key_prefix=redis_key_prefix(settings), password=state.password)
+
+
+def commercetools_options(settings: Settings) -> CommercetoolsOptions:
+    """Raise ValueError naming the first CTP_* setting missing."""
+    from adapters.commercetools import CommercetoolsOptions
+
+    for name in ("CTP_PROJECT_KEY", "CTP_CLIENT_ID", "CTP_CLIENT_SECRET", "CTP_AUTH_URL", "CTP_API_URL"):
+        if getattr(settings, name.lower()) is None:
+            raise ValueError(f"{name}: required")
+    secret = settings.ctp_client_secret
+    assert secret is not None
+    return CommercetoolsOptions(
+        project_key=str(settings.ctp_project_key),
+        api_url=str(settings.ctp_api_url),
+        auth_url=str(settings.ctp_auth_url),
+        client_id=str(settings.ctp_client_id),
+        client_secret=secret,
+        scopes=tuple(settings.scopes),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ parts
 
 
 def configured_limits(settings: Settings) -> ThrottleLimits:
@@ -57,11 +164,11 @@ def router(settings: Settings) -> Router:
 async def state_store(settings: Settings) -> StateStore:
     state = settings.state
     if state.kind == "memory":
-        from adapters.state_memory import MemoryStateStore
+        from adapters.memory import MemoryStateStore
 
         return MemoryStateStore()
     if state.kind == "sqlite":
-        from adapters.state_sqlite import SqliteStateStore, UnusableStateFile
+        from adapters.sqlite.state import SqliteStateStore, UnusableStateFile
 
         assert state.path is not None
         store = SqliteStateStore(state.path)
@@ -71,19 +178,19 @@ async def state_store(settings: Settings) -> StateStore:
             raise UnsupportedSetting(f"CTSYNC_STATE_URL: {exc}") from None
         return store
     if state.kind == "redis":
-        from adapters.state_redis import open_state_store
+        from adapters.redis.state import open_state_store
 
         # Unchecked: a replica starts while Redis is down and reports not-ready until it answers.
-        return await open_state_store(settings, check=False)
+        return await open_state_store(redis_options(settings), check=False)
     raise UnsupportedSetting(f"CTSYNC_STATE_URL: {state.kind} state is not supported by this build yet")
 
 
 async def throttle_store(settings: Settings) -> ThrottleStore:
     """The throttle budget: shared by every replica through Redis with Redis state, else this process's."""
     if settings.state.kind == "redis":
-        from adapters.throttle_redis import open_throttle_store
+        from adapters.redis.throttle import open_throttle_store
 
-        return await open_throttle_store(settings, configured_limits(settings), check=False)
+        return await open_throttle_store(redis_options(settings), configured_limits(settings), check=False)
     return LocalThrottleStore(configured_limits(settings))
 
 
@@ -98,11 +205,11 @@ async def dead_letter_sink(settings: Settings) -> DeadLetterSink:
     if target.kind == "kafka":
         from adapters import kafka
 
-        return await kafka.open_dead_letter_sink(settings, target.topic)
+        return await kafka.open_dead_letter_sink(kafka_options(settings), target.topic)
     if target.kind == "pubsub":
         from adapters import pubsub
 
-        return await pubsub.open_dead_letter_sink(settings, target.topic)
+        return await pubsub.open_dead_letter_sink(pubsub_options(settings), target.topic)
     raise UnsupportedSetting(
         f"CTSYNC_DEAD_LETTER_URL: {target.kind} dead letters are not supported by this build yet"
     )
@@ -141,19 +248,15 @@ async def configured_source(settings: Settings, *, follow: bool = False) -> Sour
     if spec.kind == "kafka":
         from adapters import kafka
 
-        return await kafka.open_source(settings)
+        return await kafka.open_source(kafka_options(settings))
     if spec.kind == "pubsub":
         from adapters import pubsub
 
-        return await pubsub.open_source(settings)
+        return await pubsub.open_source(pubsub_options(settings))
     if spec.kind == "push":
         from adapters import push
 
-        if settings.push_service_account is not None and settings.push_audience is None:
-            raise UnsupportedSetting(
-                "PUSH_SERVICE_ACCOUNT: is checked only inside a verified token; set PUSH_AUDIENCE too"
-            )
-        return await push.open_source(settings)
+        return await push.open_source(push_options(settings))
     raise UnsupportedSetting(f"CTSYNC_SOURCE: the {spec.kind} source is not supported by this build yet")
 
 
@@ -161,7 +264,156 @@ async def open_endpoints(settings: Settings, pipeline: Pipeline, source: Source)
     """Serve /healthz, /readyz and /metrics for a long-lived run (raise OSError if the port is taken)."""
     from adapters.endpoints import open_endpoints as open_http
 
-    return await open_http(settings.http_listen, pipeline, source)
+    return await open_http(listen_address(settings.http_listen), pipeline, source)
+
+
+# ---------------------------------------------------------- what the operator commands and checks call
+
+
+def commercetools_client(settings: Settings, **overrides: Any) -> CommercetoolsClient:
+    """A client for the CTP_* project; raise ValueError naming the first setting missing."""
+    from adapters.commercetools import CommercetoolsClient
+
+    return CommercetoolsClient.from_options(commercetools_options(settings), **overrides)
+
+
+def commercetools_error() -> type[CommercetoolsError]:
+    """The error a commercetools call raises (status, codes, message), for an ``except`` clause."""
+    from adapters.commercetools import CommercetoolsError
+
+    return CommercetoolsError
+
+
+async def probe_hook(settings: Settings, seconds: float) -> HookProbe:
+    """Ask the hook whether it takes IPAAS_WEBHOOK_API_KEY, sending no notification."""
+    from adapters.ipaas import probe_hook as probe
+
+    assert settings.ipaas_hook_url is not None and settings.ipaas_webhook_api_key is not None
+    return await probe(
+        settings.ipaas_hook_url, settings.ipaas_webhook_api_key.get_secret_value(), seconds=seconds
+    )
+
+
+async def probe_source(settings: Settings) -> str:
+    """Check that the broker source of CTSYNC_SOURCE answers and has what it needs; describe it."""
+    assert settings.source is not None
+    if settings.source.kind == "kafka":
+        from adapters import kafka
+
+        return await kafka.probe(kafka_options(settings))
+    from adapters import pubsub
+
+    return await pubsub.probe(pubsub_options(settings))
+
+
+async def probe_dead_letter_topic(settings: Settings) -> str:
+    """Check that the dead-letter topic of CTSYNC_DEAD_LETTER_URL exists; describe it."""
+    target = settings.dead_letter
+    assert target.topic is not None
+    if target.kind == "kafka":
+        from adapters import kafka
+
+        return await kafka.probe_topic(kafka_options(settings), target.topic)
+    from adapters import pubsub
+
+    return await pubsub.probe_topic(pubsub_options(settings), target.topic)
+
+
+async def sqlite_state_problem(path: Path) -> str | None:
+    """Open the SQLite state file at ``path`` and close it; return why it cannot be used, if it cannot."""
+    from adapters.sqlite.state import SqliteStateStore, UnusableStateFile
+
+    store = SqliteStateStore(path)
+    try:
+        await store.open()
+    except UnusableStateFile as exc:
+        return str(exc)
+    await store.close()
+    return None
+
+
+async def redis_state_store(settings: Settings) -> RedisStateStore:
+    """Open the Redis state store and PING it; raise ``StoreUnavailable`` (a ConnectionError) if it does
+    not answer."""
+    from adapters.redis.state import open_state_store
+
+    return await open_state_store(redis_options(settings))
+
+
+async def pubsub_subscription_topic(settings: Settings) -> str:
+    """The topic PUBSUB_SUBSCRIPTION is attached to."""
+    from adapters import pubsub
+
+    return await pubsub.subscription_topic(pubsub_options(settings))
+
+
+async def dead_letter_source(
+    settings: Settings, kind: str, name: str, *, snapshot: datetime
+) -> tuple[Source, str | None]:
+    """Open a finite source over the dead letters in file, Kafka topic or Pub/Sub subscription ``name``,
+    up to those written before ``snapshot``; with the topic a Pub/Sub subscription is attached to."""
+    if kind == "file":
+        from adapters.files import JsonlFileSource
+
+        source = JsonlFileSource(name, snapshot=True)
+        source.open()
+        return source, None
+    if kind == "kafka":
+        from adapters import kafka
+
+        return await kafka.open_dead_letter_source(kafka_options(settings), name), None
+    from adapters import pubsub
+
+    pulled = await pubsub.open_dead_letter_source(pubsub_options(settings), name, snapshot=snapshot)
+    return pulled, pulled.topic
+
+
+async def cursor_store(settings: Settings) -> CursorStore:
+    """Open the store of sweep cursors that goes with CTSYNC_STATE_URL."""
+    state = settings.state
+    if state.kind == "sqlite":
+        from adapters.sqlite.cursors import SqliteCursorStore
+
+        assert state.path is not None
+        store = SqliteCursorStore(state.path)
+        await store.open()
+        return store
+    if state.kind == "redis":
+        from adapters.redis.cursors import open_cursor_store
+
+        return await open_cursor_store(redis_options(settings))
+    from adapters.memory import MemoryCursorStore
+
+    return MemoryCursorStore()
+
+
+def backfill_source(
+    client: CommercetoolsClient,
+    types: Sequence[str],
+    *,
+    mode: Mode,
+    cursors: CursorStore,
+    key: str,
+    since: datetime | None,
+    until: datetime | None,
+    restart: bool,
+    save: bool,
+) -> BackfillSource:
+    """A sweep's source over the project's query endpoints, resuming from ``cursors`` under ``key``."""
+    from adapters.backfill_source import BackfillSource
+
+    return BackfillSource(
+        client.query_pages,
+        types,
+        project_key=client.project_key,
+        mode=mode,
+        cursors=cursors,
+        key=key,
+        since=since,
+        until=until,
+        restart=restart,
+        save=save,
+    )
 
 
 async def closing_within(close: Callable[[], Awaitable[None]], seconds: float, what: str) -> None:

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from adapters.backfill import BackfillSource
-from adapters.cursor_store import MemoryCursorStore, SqliteCursorStore
+from adapters.backfill_source import BackfillSource
+from adapters.memory import MemoryCursorStore
+from adapters.sqlite.cursors import SqliteCursorStore
 from consumer import sweep as bf
 from consumer import throttle
 from consumer.cli import sweep_text
@@ -220,7 +221,7 @@ def test_progress_line_is_honest_about_the_unknown_total() -> None:
 
 
 async def test_sqlite_cursor_store_shares_the_state_file(tmp_path: Path) -> None:
-    from adapters.state_sqlite import SqliteStateStore
+    from adapters.sqlite.state import SqliteStateStore
 
     path = tmp_path / "state.db"
     state = SqliteStateStore(path)

@@ -389,7 +389,7 @@ def live_payloads(path: Path, count: int) -> Counter[tuple[str, str]]:
 def test_backfill_beside_ctsync_run_stays_inside_the_window_limit_and_its_share(
     ct_data: Project, hook_server: HookServer, tmp_path: Path, redis_url: str
 ) -> None:
-    from adapters.state_redis import key_prefix
+    from adapters.redis.state import key_prefix
 
     limit, window, types = 6, 1.0, ("product", "category")
     live = live_payloads(tmp_path / "live.jsonl", 1500)

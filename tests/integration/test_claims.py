@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from adapters.state_memory import MemoryStateStore
-from adapters.state_redis import RedisStateStore, redis_client
-from adapters.state_sqlite import SqliteStateStore
+from adapters.memory import MemoryStateStore
+from adapters.redis.state import RedisStateStore, redis_client
+from adapters.sqlite.state import SqliteStateStore
 from consumer.dedupe import version_rank
 from consumer.ports import StateStore
 

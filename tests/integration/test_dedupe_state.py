@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.state_memory import MemoryStateStore
-from adapters.state_sqlite import SqliteStateStore
+from adapters.memory import MemoryStateStore
+from adapters.sqlite.state import SqliteStateStore
 from consumer.dedupe import Deduplicator, Judgement, Verdict, judge, version_rank
 from consumer.messages import ChangeEvent, NotificationType
 from consumer.ports import StateStore, StateView

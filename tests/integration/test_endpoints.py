@@ -9,7 +9,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.endpoints import open_endpoints
-from adapters.state_memory import MemoryStateStore
+from adapters.memory import MemoryStateStore
 from consumer.config import ListenAddress
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.kafka import client_options
+from consumer.cli import wiring
 from consumer.config import load_settings
 from tests.servers.hookserver import Fault, HookServer
 from tests.servers.kafkaserver import CTSYNC, Ctsync, Kafka, start_tansu, stop_process
@@ -239,7 +240,7 @@ async def test_sasl_settings_reach_aiokafka() -> None:
         },
         for_command="run",
     )
-    options = client_options(settings)
+    options = client_options(wiring.kafka_options(settings))
     assert options["security_protocol"] == "SASL_SSL"
     assert options["sasl_mechanism"] == "PLAIN"
     assert options["sasl_plain_username"] == "APIKEY123"

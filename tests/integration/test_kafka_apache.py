@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from adapters.kafka import client_options
+from consumer.cli import wiring
 from consumer.config import ConfigError, load_settings
 from tests.integration import test_kafka
 from tests.integration.test_kafka import kafka_env, updates
@@ -225,12 +226,14 @@ def test_the_private_ca_is_the_one_trusted(tmp_path: Path) -> None:
         "KAFKA_SASL_USERNAME": "u",
         "KAFKA_SASL_PASSWORD": "p",
     }
-    private = client_options(load_settings(None, environ={**environ, "KAFKA_SSL_CAFILE": f" {ca_file} "}))
+    private = client_options(
+        wiring.kafka_options(load_settings(None, environ={**environ, "KAFKA_SSL_CAFILE": f" {ca_file} "}))
+    )
     issuers = [dict(item[0] for item in ca["subject"]) for ca in private["ssl_context"].get_ca_certs()]
     assert issuers == [{"commonName": "private test CA"}]
     assert private["ssl_context"].check_hostname
     # Unset: the system's CAs, as for Confluent Cloud.
-    public = client_options(load_settings(None, environ=environ))
+    public = client_options(wiring.kafka_options(load_settings(None, environ=environ)))
     assert {"commonName": "private test CA"} not in [
         dict(item[0] for item in ca["subject"]) for ca in public["ssl_context"].get_ca_certs()
     ]

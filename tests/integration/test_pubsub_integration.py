@@ -266,7 +266,8 @@ async def test_probe_describes_a_subscription_or_raises(
 ) -> None:
     from google.api_core.retry import Retry
 
-    from adapters import pubsub
+    from adapters.pubsub import clients as pubsub
+    from consumer.cli import wiring
     from consumer.config import load_settings
 
     # An unreachable server is retried for ADMIN_TIMEOUT_SECONDS; one second is enough to prove the point.
@@ -274,14 +275,14 @@ async def test_probe_describes_a_subscription_or_raises(
     monkeypatch.setattr(pubsub, "_ADMIN_RETRY", Retry(timeout=1.0))
 
     env = pubsub_testbed.env()
-    description = await pubsub.probe(load_settings(environ=env, for_command="check"))
+    description = await pubsub.probe(wiring.pubsub_options(load_settings(environ=env, for_command="check")))
     assert pubsub_testbed.subscription in description and pubsub_testbed.topic in description
     missing = {**env, "PUBSUB_SUBSCRIPTION": pubsub_testbed.subscription + "-missing"}
     with pytest.raises(LookupError, match="PUBSUB_SUBSCRIPTION"):
-        await pubsub.probe(load_settings(environ=missing, for_command="check"))
+        await pubsub.probe(wiring.pubsub_options(load_settings(environ=missing, for_command="check")))
     unreachable = {**env, "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
     with pytest.raises(ConnectionError, match="cannot reach"):
-        await pubsub.probe(load_settings(environ=unreachable, for_command="check"))
+        await pubsub.probe(wiring.pubsub_options(load_settings(environ=unreachable, for_command="check")))
 
 
 def test_dead_letters_replay_from_a_pubsub_subscription(
@@ -331,6 +332,7 @@ async def test_messages_are_handed_over_on_the_stream_thread_and_acked(pubsub_te
     import threading
 
     from adapters import pubsub
+    from consumer.cli import wiring
     from consumer.config import load_settings
 
     bodies = updates(20, "h")
@@ -344,7 +346,7 @@ async def test_messages_are_handed_over_on_the_stream_thread_and_acked(pubsub_te
 
     settings = load_settings(environ=pubsub_testbed.env(), for_command="check")
     source = Recording(pubsub_testbed.subscription)
-    source.start(pubsub.subscriber_client(settings), pubsub.flow_control(100))
+    source.start(pubsub.subscriber_client(wiring.pubsub_options(settings)), pubsub.flow_control(100))
     received: list[bytes] = []
     try:
         async with asyncio.timeout(60):

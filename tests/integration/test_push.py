@@ -203,7 +203,7 @@ async def service(
     else:
         environ.update(PUSH_ALLOW_UNAUTHENTICATED="true")
     settings = load_settings(environ=environ)
-    source = await push.open_source(settings, certs_url=certs_url)
+    source = await push.open_source(wiring.push_options(settings), certs_url=certs_url)
     assert isinstance(source, push.PushSource)
     built = await wiring.build(settings, source, finite=False)
     stop = asyncio.Event()

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from adapters.state_sqlite import SqliteStateStore
+from adapters.sqlite.state import SqliteStateStore
 from tests.servers.hookserver import HookServer
 from tests.servers.kafkaserver import CTSYNC, Ctsync, Kafka, start_tansu, stop_process
 

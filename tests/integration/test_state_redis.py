@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from adapters.state_redis import (
+from adapters.redis.state import (
     RedisStateStore,
     StoreUnavailable,
     key_prefix,
     open_state_store,
     redis_client,
-    settings_prefix,
 )
+from consumer.cli import wiring
 from consumer.config import load_settings
 from consumer.dedupe import Deduplicator, Judgement, Verdict, version_rank
 from consumer.messages import ChangeEvent, NotificationType
@@ -154,7 +154,7 @@ async def test_deployments_sharing_a_redis_do_not_see_each_other(redis_url: str,
     assert all(p.startswith("ctsync:{") and p.endswith("}:") and len(p) == 22 for p in prefixes)
     hook = {"IPAAS_HOOK_URL": "https://hooks.example/a", "IPAAS_WEBHOOK_API_KEY": "k" * 16}
     settings = load_settings(environ={"CTP_PROJECT_KEY": "shop", **hook}, for_command="check")
-    assert settings_prefix(settings) == key_prefix("shop", "https://hooks.example/a")
+    assert wiring.redis_key_prefix(settings) == key_prefix("shop", "https://hooks.example/a")
 
     one, two = make_store(redis_url, redis_prefix + "one:"), make_store(redis_url, redis_prefix + "two:")
     try:
@@ -171,9 +171,9 @@ async def test_open_state_store_connects_and_pings(redis_url: str) -> None:
     settings = load_settings(
         environ={"CTSYNC_STATE_URL": redis_url, "CTP_PROJECT_KEY": "open-test"}, for_command="check"
     )
-    store = await open_state_store(settings)
+    store = await open_state_store(wiring.redis_options(settings))
     try:
-        assert store.prefix == settings_prefix(settings).encode()
+        assert store.prefix == wiring.redis_options(settings).key_prefix.encode()
         assert (await store.lookup(["never-written"], [])).delivered_keys == frozenset()
     finally:
         await store.close()
@@ -184,12 +184,12 @@ async def test_unreachable_redis_fails_at_open_without_the_password() -> None:
     settings = load_settings(environ={"CTSYNC_STATE_URL": url}, for_command="check")
     async with asyncio.timeout(10):
         with pytest.raises(StoreUnavailable) as caught:
-            await open_state_store(settings)
+            await open_state_store(wiring.redis_options(settings))
     assert isinstance(caught.value, ConnectionError)
     assert "CTSYNC_STATE_URL" in str(caught.value)
     assert "hunter2" not in str(caught.value)
     assert "127.0.0.1" in str(caught.value)
-    unchecked = await open_state_store(settings, check=False)
+    unchecked = await open_state_store(wiring.redis_options(settings), check=False)
     try:
         async with asyncio.timeout(10):
             with pytest.raises(StoreUnavailable):
@@ -203,7 +203,7 @@ async def test_rejected_credentials_are_unavailable_and_not_echoed(redis_url: st
     settings = load_settings(environ={"CTSYNC_STATE_URL": url}, for_command="check")
     async with asyncio.timeout(10):
         with pytest.raises(StoreUnavailable) as caught:
-            await open_state_store(settings)
+            await open_state_store(wiring.redis_options(settings))
     assert "CTSYNC_STATE_URL" in str(caught.value)
     assert "hunter2" not in str(caught.value)
 

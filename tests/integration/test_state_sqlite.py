@@ -8,7 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from adapters.state_sqlite import SqliteStateStore
+from adapters.sqlite.state import SqliteStateStore
 
 
 async def test_a_locked_database_is_waited_for_on_the_thread_while_the_loop_runs_on(tmp_path: Path) -> None:

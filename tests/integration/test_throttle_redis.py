@@ -17,8 +17,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.state_redis import StoreUnavailable, key_prefix, redis_client
-from adapters.throttle_redis import RedisThrottleStore, open_throttle_store
+from adapters.redis.state import StoreUnavailable, key_prefix, redis_client
+from adapters.redis.throttle import RedisThrottleStore, open_throttle_store
+from consumer.cli import wiring
 from consumer.config import load_settings
 from consumer.ports import Slot, ThrottleStore
 from consumer.throttle import CONCURRENCY_HINT, LocalThrottleStore, Throttle, ThrottleLimits
@@ -315,8 +316,8 @@ async def test_a_live_replica_keeps_its_slots_past_the_lease(redis_url: str, red
 
 _HOLDER_SCRIPT = """
 import asyncio, sys
-from adapters.state_redis import redis_client
-from adapters.throttle_redis import RedisThrottleStore
+from adapters.redis.state import redis_client
+from adapters.redis.throttle import RedisThrottleStore
 from consumer.ports import Slot
 from consumer.throttle import ThrottleLimits
 
@@ -445,7 +446,7 @@ async def test_open_throttle_store(redis_url: str) -> None:
     settings = load_settings(
         environ={"CTSYNC_STATE_URL": redis_url, "CTP_PROJECT_KEY": "throttle-open"}, for_command="check"
     )
-    store = await open_throttle_store(settings, limits_of())
+    store = await open_throttle_store(wiring.redis_options(settings), limits_of())
     try:
         assert store._conn == key_prefix("throttle-open", None) + "throttle:conn"
         assert await store.try_acquire(BATCH, "a") == 0.0
@@ -457,10 +458,10 @@ async def test_open_throttle_store(redis_url: str) -> None:
     bad = load_settings(environ={"CTSYNC_STATE_URL": url}, for_command="check")
     async with asyncio.timeout(10):
         with pytest.raises(StoreUnavailable) as caught:
-            await open_throttle_store(bad, limits_of())
+            await open_throttle_store(wiring.redis_options(bad), limits_of())
     assert "CTSYNC_STATE_URL" in str(caught.value) and "hunter2" not in str(caught.value)
     # Unchecked, it opens while Redis is down and fails call by call instead.
-    unchecked = await open_throttle_store(bad, limits_of(), check=False)
+    unchecked = await open_throttle_store(wiring.redis_options(bad), limits_of(), check=False)
     try:
         async with asyncio.timeout(10):
             with pytest.raises(StoreUnavailable):

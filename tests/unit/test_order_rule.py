@@ -20,7 +20,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.state_memory import MemoryStateStore
+from adapters.memory import MemoryStateStore
 from consumer import audit
 from consumer.dedupe import Deduplicator, version_rank
 from consumer.pipeline import Pipeline, PipelineOptions

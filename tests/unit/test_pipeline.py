@@ -7,7 +7,7 @@ from collections import Counter
 
 import orjson
 
-from adapters.state_memory import MemoryStateStore
+from adapters.memory import MemoryStateStore
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Outcome, Pipeline, PipelineOptions, classify
 from consumer.ports import HookResponse

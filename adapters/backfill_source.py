@@ -2,7 +2,7 @@
 
 Each requested type is read in pages of up to 500, sorted by id, with ``where id > "<cursor>"`` (never
 offsets) and ``withTotal=false``; one page is read ahead while the pipeline works through the current one.
-Every resource becomes one envelope whose ack advances the type's cursor (``backfill.CursorTracker``);
+Every resource becomes one envelope whose ack advances the type's cursor (``consumer.sweep.CursorTracker``);
 cursors are saved to a ``CursorStore`` every ``save_every`` seconds and when the source closes, so a
 restarted sweep continues where the last one stopped. A type whose cursor says complete is not read again
 (unless the sweep is restarted on purpose).

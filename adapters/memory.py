@@ -1,4 +1,5 @@
-"""In-process state: delivered keys, watermarks and claims in dicts (tests, ``memory://``).
+"""In-process state: delivered keys, watermarks and claims in dicts, and sweep cursors in a dict (tests,
+``memory://``); nothing survives the process.
 
 One store object may be shared by several pipelines in one process (the core's multi-replica tests), so
 claims are kept per holder like in the shared stores.
@@ -126,6 +127,27 @@ class MemoryStateStore:
         if excess > 0:
             for key in list(table)[:excess]:
                 del table[key]
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryCursorStore:
+    """Cursors in a dict: for ``memory://`` state, dry runs and tests."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.writes = 0
+
+    async def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    async def put(self, name: str, value: str) -> None:
+        self.writes += 1
+        self.values[name] = value
+
+    async def delete(self, name: str) -> None:
+        self.values.pop(name, None)
 
     async def close(self) -> None:
         return None

@@ -2,7 +2,7 @@
 or processes on one machine sharing the file, such as a backfill beside the service).
 
 Each port call is one short transaction, run inline on the event loop, or on the connection's own thread
-when another process holds the database locked (``adapters._sqlite.SqliteConnection``).
+when another process holds the database locked (``adapters.sqlite.connection.SqliteConnection``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapters._sqlite import SqliteConnection
+from adapters.sqlite.connection import SqliteConnection
 from consumer.ports import Claim, StateView
 
 _T = TypeVar("_T")

@@ -1,8 +1,9 @@
 """Dedupe state in Redis, shared by every replica: delivered keys and watermarks, each with a TTL.
 
-Keys live under a prefix derived from the commercetools project key and the hook URL (``key_prefix``), so
-two deployments can share one Redis. The prefix's hash is a Redis Cluster hash tag (``ctsync:{...}:``): all
-keys of a deployment sit in one slot, which lets one script touch any of them.
+Keys live under the prefix ``RedisOptions`` gives, which wiring derives from the commercetools project key
+and the hook URL (``key_prefix``), so two deployments can share one Redis. The prefix's hash is a Redis
+Cluster hash tag (``ctsync:{...}:``): all keys of a deployment sit in one slot, which lets one script touch
+any of them.
 
 One round trip per port call, whatever the batch size: ``lookup`` is one ``MGET`` over the message keys and
 the watermark keys; ``claim`` is one script that claims the batch's resources and reads their watermarks
@@ -20,7 +21,8 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Final, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -29,9 +31,6 @@ from redis.exceptions import RedisError
 
 from consumer.audit import display_url
 from consumer.ports import Claim, StateView
-
-if TYPE_CHECKING:
-    from consumer.config import Settings
 
 # Every command gives up after this long without an answer (a hung or unreachable Redis).
 SOCKET_TIMEOUT: Final = 2.0
@@ -163,9 +162,14 @@ def key_prefix(project_key: str | None, hook_url: str | None) -> str:
     return f"ctsync:{{{hashlib.sha1(identity.encode()).hexdigest()[:12]}}}:"
 
 
-def settings_prefix(settings: Settings) -> str:
-    """Return the key prefix for these settings (see ``key_prefix``)."""
-    return key_prefix(settings.ctp_project_key, settings.ipaas_hook_url)
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """A Redis to keep state in: its URL (which may hold the password; never shown) and the deployment's
+    key prefix (see ``key_prefix``)."""
+
+    url: str = field(repr=False)
+    key_prefix: str
+    password: str | None = field(default=None, repr=False)
 
 
 def _scrub(text: str, password: str | None) -> str:
@@ -408,14 +412,12 @@ async def answering(store: _P) -> _P:
     return store
 
 
-async def open_state_store(settings: Settings, *, check: bool = True) -> RedisStateStore:
-    """Return the state store on CTSYNC_STATE_URL's Redis; raise ``StoreUnavailable`` if it does not answer.
+async def open_state_store(options: RedisOptions, *, check: bool = True) -> RedisStateStore:
+    """Return the state store on ``options``' Redis; raise ``StoreUnavailable`` if it does not answer.
 
     ``check=False`` skips the PING: the service can then start while Redis is down, report not-ready, and
     let its retries find Redis (every call raises ``StoreUnavailable`` until then).
     """
-    state = settings.state
-    assert state.kind == "redis", "open_state_store needs a redis:// CTSYNC_STATE_URL"
-    client = redis_client(state.url)
-    store = RedisStateStore(client, settings_prefix(settings), url=state.url, password=state.password)
+    client = redis_client(options.url)
+    store = RedisStateStore(client, options.key_prefix, url=options.url, password=options.password)
     return await answering(store) if check else store

@@ -34,25 +34,22 @@ import asyncio
 import contextlib
 import math
 import uuid
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import redis.asyncio as aioredis
 
-from adapters.state_redis import (
+from adapters.redis.state import (
     CALL_TIMEOUT,
     RedisGuard,
+    RedisOptions,
     StoreUnavailable,
     answering,
     ping,
     redis_client,
-    settings_prefix,
 )
 from consumer import audit
 from consumer.ports import Slot
 from consumer.throttle import CONCURRENCY_HINT, MIN_HINT, ThrottleLimits
-
-if TYPE_CHECKING:
-    from consumer.config import Settings
 
 __all__ = ["RedisThrottleStore", "StoreUnavailable", "open_throttle_store"]
 
@@ -346,25 +343,23 @@ class RedisThrottleStore:
 
 
 async def open_throttle_store(
-    settings: Settings,
+    options: RedisOptions,
     limits: ThrottleLimits,
     *,
     lease_seconds: float = LEASE_SECONDS,
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
     check: bool = True,
 ) -> RedisThrottleStore:
-    """Return the shared throttle on CTSYNC_STATE_URL's Redis; raise ``StoreUnavailable`` if it is down.
+    """Return the shared throttle on ``options``' Redis; raise ``StoreUnavailable`` if it is down.
 
     ``check=False`` skips the PING (start while Redis is down; every call raises until it is back).
     """
-    state = settings.state
-    assert state.kind == "redis", "open_throttle_store needs a redis:// CTSYNC_STATE_URL"
     store = RedisThrottleStore(
-        redis_client(state.url),
-        settings_prefix(settings),
+        redis_client(options.url),
+        options.key_prefix,
         limits,
-        url=state.url,
-        password=state.password,
+        url=options.url,
+        password=options.password,
         lease_seconds=lease_seconds,
         heartbeat_seconds=heartbeat_seconds,
     )
