@@ -154,6 +154,24 @@ class LatencyHistogram:
         return out
 
 
+# End-to-end latencies span milliseconds (an idle pipeline) to an hour (a backlog behind the throttle).
+END_TO_END_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0
+)  # fmt: skip
+
+
+def epoch_seconds(timestamp: str) -> float | None:
+    """Return the Unix time of an ISO 8601 timestamp (``Z`` or an offset; naive means UTC), None if it
+    is not one."""
+    try:
+        when = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
 class Pipeline:
     """One service instance's pipeline from a source to a sink."""
 
@@ -169,6 +187,7 @@ class Pipeline:
         options: PipelineOptions,
         log: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.router = router
@@ -183,9 +202,17 @@ class Pipeline:
         self._info = log is not None or audit.info_enabled()
         self._info_line = (audit.info_writer() if log is None else None) or self._log_info
         self.clock = clock
+        self.wall_clock = wall_clock
         self.counts = Counts()
         self.health = Health()
         self.batch_latency = LatencyHistogram()
+        # Received by ctsync -> accepted by the hook, and commercetools' change time -> accepted, per
+        # message whose notification the hook accepted (what a covered or dead-lettered one waited is not
+        # a delivery). ``_received`` holds, per routed envelope in the outbox, when it was received and the
+        # change time the payload gave.
+        self.delivery_latency = LatencyHistogram(END_TO_END_BUCKETS)
+        self.change_latency = LatencyHistogram(END_TO_END_BUCKETS)
+        self._received: dict[int, tuple[float, str | None]] = {}
         self.outbox: Outbox[Envelope] = Outbox()
         self.holder = f"ctsync-{uuid.uuid4().hex[:12]}"
         limits = throttle.limits
@@ -283,6 +310,7 @@ class Pipeline:
             envelope.nack()
             self.counts.handed_back += 1
         self._unsettled.clear()
+        self._received.clear()
         list(self.outbox.drain())
 
     # -------------------------------------------------------------------------------------------- intake
@@ -407,6 +435,7 @@ class Pipeline:
                 self.counts.stale += 1
                 self._settle(envelope)
             else:
+                self._received[id(envelope)] = (now, event.changed_at)
                 duplicate_of_pending = info and self.outbox.is_pending(key)
                 if self.outbox.add(route, event, envelope, now):
                     self.counts.coalesced += 1
@@ -437,6 +466,7 @@ class Pipeline:
 
     def _settle(self, envelope: Envelope) -> None:
         settled = self._unsettled.pop(id(envelope), None)
+        self._received.pop(id(envelope), None)
         if settled is None:
             return
         key = settled[1]
@@ -719,10 +749,25 @@ class Pipeline:
         )
         self._unclaim(entries)
         self.counts.notifications_sent += len(entries)
+        self._observe_latency(entries)
         for entry in entries:
             for envelope in entry.owed:
                 self._settle(envelope)
         self._settle_covered(self.outbox.finish(entries, delivered=True))
+
+    def _observe_latency(self, entries: list[Entry]) -> None:
+        now, wall = self.clock(), self.wall_clock()
+        received = self._received
+        for entry in entries:
+            for envelope in entry.owed:
+                mark = received.get(id(envelope))
+                if mark is None:
+                    continue
+                self.delivery_latency.observe(max(now - mark[0], 0.0))
+                changed = epoch_seconds(mark[1]) if mark[1] is not None else None
+                if changed is not None:
+                    # Clocks differ between commercetools and here: a change "from the future" counts as 0.
+                    self.change_latency.observe(max(wall - changed, 0.0))
 
     # ------------------------------------------------------------------------------------------- claims
 
