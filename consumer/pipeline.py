@@ -27,7 +27,7 @@ from consumer.dedupe import Deduplicator, Verdict, rank_version
 from consumer.messages import ChangeEvent, InvalidMessage, parse
 from consumer.outbox import NO_RANK, Covered, Outbox, PendingNotification, should_send
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, HookResponse, Sink, Source
-from consumer.routing import Action, Ignored, Router
+from consumer.routing import Action, Ignored, Notification, Router
 from consumer.throttle import Throttle
 
 _T = TypeVar("_T")
@@ -170,6 +170,29 @@ def epoch_seconds(timestamp: str) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
+
+
+def _where(envelope: Envelope) -> dict[str, Any]:
+    """Where an envelope came from, for its audit line: the source's own fields (Kafka topic, partition and
+    offset; a Pub/Sub message id...), which say all its position says, or the position alone."""
+    fields = envelope.source_fields
+    return dict(fields) if fields else {"position": envelope.position}
+
+
+def _with_watermark(key: str, watermark: int | None) -> dict[str, Any]:
+    return {"message_key": key} if watermark is None else {"message_key": key, "watermark": watermark}
+
+
+def _by_scope(notifications: Sequence[Notification]) -> dict[str, list[str]]:
+    """A batch's notifications as ``{scope: [external id, ...]}``: each scope written once."""
+    grouped: dict[str, list[str]] = {}
+    for notification in notifications:
+        ids = grouped.get(notification.scope)
+        if ids is None:
+            grouped[notification.scope] = [notification.external_id]
+        else:
+            ids.append(notification.external_id)
+    return grouped
 
 
 class Pipeline:
@@ -351,7 +374,6 @@ class Pipeline:
         log = self.log
         info = self._info
         line = self._info_line
-        source = self.source.name
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
         for envelope in envelopes:
@@ -360,10 +382,7 @@ class Pipeline:
             result = parse(envelope.body)
             if isinstance(result, InvalidMessage):
                 if info:
-                    line(
-                        audit.MESSAGE_RECEIVED,
-                        {"source": source, "position": envelope.position, **envelope.source_fields},
-                    )
+                    line(audit.MESSAGE_RECEIVED, _where(envelope))
                 log.warning(
                     audit.MESSAGE_INVALID,
                     reason=result.reason,
@@ -376,18 +395,13 @@ class Pipeline:
             key = result.message_key
             self._unsettled[id(envelope)] = (envelope, key)
             if info:
-                line(
-                    audit.MESSAGE_RECEIVED,
-                    {
-                        "source": source,
-                        "position": envelope.position,
-                        "message_key": key,
-                        "resource_type": result.resource_type,
-                        "resource_id": result.resource_id,
-                        "version": result.version,
-                        **envelope.source_fields,
-                    },
-                )
+                received = _where(envelope)
+                received["message_key"] = key
+                received["resource_type"] = result.resource_type
+                received["resource_id"] = result.resource_id
+                if result.version is not None:
+                    received["version"] = result.version
+                line(audit.MESSAGE_RECEIVED, received)
             decision = self.router.route(result)
             if isinstance(decision, Ignored):
                 if info:
@@ -417,7 +431,7 @@ class Pipeline:
             key = event.message_key
             if judgement.verdict is Verdict.DUPLICATE:
                 if info:
-                    line(audit.MESSAGE_DUPLICATE, {"message_key": key, "watermark": judgement.watermark})
+                    line(audit.MESSAGE_DUPLICATE, _with_watermark(key, judgement.watermark))
                 self.counts.duplicate += 1
                 self._settle(envelope)
             elif judgement.verdict is Verdict.STALE:
@@ -440,14 +454,12 @@ class Pipeline:
                 if self.outbox.add(route, event, envelope, now):
                     self.counts.coalesced += 1
                     if info:
+                        # The notification it merged into (scope, external id) is in batch.sent.
                         line(
                             audit.NOTIFICATION_COALESCED,
-                            {
-                                "message_key": key,
-                                "scope": route.scope(self.options.debug),
-                                "external_id": route.external_id,
-                                "duplicate": duplicate_of_pending,
-                            },
+                            {"message_key": key, "duplicate": True}
+                            if duplicate_of_pending
+                            else {"message_key": key},
                         )
                 if route.fallback:
                     log.warning(
@@ -473,9 +485,10 @@ class Pipeline:
         envelope.ack()
         self.counts.acked += 1
         if self._info:
+            # message.received gave the key's position; the source's own fields stay for per-partition views.
             self._info_line(
                 audit.MESSAGE_ACKED,
-                {"message_key": key, "position": envelope.position, **envelope.source_fields},
+                {"message_key": key, **envelope.source_fields} if key is not None else _where(envelope),
             )
         self._room.set()
 
@@ -637,8 +650,8 @@ class Pipeline:
                     "attempt": attempt,
                     "duration_ms": round(response.duration_ms, 1),
                     "message_keys": [key for entry in entries for key in entry.message_keys],
-                    "notifications": [n.as_json() for n in notifications],
-                    "detail": response.detail or None,
+                    "notifications": _by_scope(notifications),
+                    **({"detail": response.detail} if response.detail else {}),
                 },
             )
         return response, correlation_id
@@ -871,9 +884,7 @@ class Pipeline:
             if change.watermark is None:
                 self.counts.duplicate += 1
                 if self._info:
-                    self._info_line(
-                        audit.MESSAGE_DUPLICATE, {"message_key": change.message_key, "watermark": None}
-                    )
+                    self._info_line(audit.MESSAGE_DUPLICATE, {"message_key": change.message_key})
             else:
                 self.counts.stale += 1
                 if self._info:
