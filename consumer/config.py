@@ -85,6 +85,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 OffsetReset = Literal["earliest", "latest"]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+AuditSwitch = Literal["on", "off"]
 
 
 class ConfigError(Exception):
@@ -472,6 +473,10 @@ class Settings(BaseSettings):
     )
     ctsync_log_level: Annotated[LogLevel, BeforeValidator(_upper)] = Field(
         "INFO", validation_alias="CTSYNC_LOG_LEVEL"
+    )
+    # The audit trail (every message's fate) is written whatever CTSYNC_LOG_LEVEL says, unless this is off.
+    ctsync_audit: Annotated[AuditSwitch, BeforeValidator(_lower)] = Field(
+        "on", validation_alias="CTSYNC_AUDIT"
     )
     # Not in the contract's table: how long a stop waits for in-flight work before handing it back.
     ctsync_drain_timeout_seconds: float = Field(
