@@ -156,11 +156,12 @@ def _longest_first(secrets: Iterable[str]) -> tuple[str, ...]:
 class Redactor:
     """Remove secrets from log lines: by field name before rendering, by value after it.
 
-    Before rendering (``__call__``, a structlog processor) every field named like a secret, at any depth,
-    is blanked. After rendering (``scrub_rendered``, the last processor) the rendered line has every known
-    secret value and Bearer/Basic credential replaced, so a secret that leaked into an exception message, a
-    URL or a response body is still not written. Scrubbing the rendered line costs a few C-level scans
-    instead of a Python walk over every string field.
+    Before rendering (``__call__``, a structlog processor for the events logged through structlog, whose
+    fields may hold foreign structures) every field named like a secret, at any depth, is blanked. After
+    rendering, every known secret value and Bearer/Basic credential is replaced, so a secret that leaked
+    into an exception message, a URL or a response body is still not written: JSON lines by
+    ``scrub_lines`` where ``AuditLines`` writes them (a few C-level scans per chunk of lines), console
+    text by ``scrub_rendered``.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -185,9 +186,6 @@ class Redactor:
         for key, value in event_dict.items():
             if type(value) in _CONTAINERS:
                 event_dict[key] = self._names(value)
-        if self._short:
-            for key, value in event_dict.items():
-                event_dict[key] = self._short_values(value)
         return event_dict
 
     def _short_values(self, value: Any) -> Any:
@@ -351,20 +349,24 @@ def _gate(threshold: int, audit: bool) -> Processor:
 
 
 def _header(console: bool) -> Processor:
-    """Put ``timestamp``, ``severity``, ``event`` and ``message`` first, as the hot-path writer does."""
+    """Put ``timestamp``, ``severity``, ``event`` and ``message`` first, as the hot-path writer does (on the
+    console: ``timestamp``, ``level`` and ``event``, the renderer's columns)."""
 
     def header(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         severity = _severity(method_name)
         event = str(event_dict.pop("event", ""))
         message = event_dict.pop("message", None)
-        line: EventDict = {
-            "timestamp": iso_timestamp(time.time_ns()),
-            "severity": severity,
-            "event": event,
-            "message": message if isinstance(message, str) else _message(event, severity, event_dict),
-        }
+        line: EventDict
         if console:
-            line["level"] = severity.lower()  # the console renderer's level column
+            # For people at a terminal: the renderer shows the level and the event as its own columns.
+            line = {"timestamp": iso_timestamp(time.time_ns()), "level": severity.lower(), "event": event}
+        else:
+            line = {
+                "timestamp": iso_timestamp(time.time_ns()),
+                "severity": severity,
+                "event": event,
+                "message": message if isinstance(message, str) else _message(event, severity, event_dict),
+            }
         line.update(event_dict)
         return line
 
