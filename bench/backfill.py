@@ -117,6 +117,7 @@ def main() -> None:
                         CTSYNC_STATE_URL=f"sqlite:///{workdir}/state-{share:g}.db",
                         CTSYNC_DEAD_LETTER_URL=f"file:{workdir}/dead.jsonl",
                         CTSYNC_LOG_LEVEL="WARNING",
+                        CTSYNC_AUDIT="off",
                         IPAAS_HOOK_URL=hooks.url,
                         IPAAS_WEBHOOK_API_KEY=hooks.api_key,
                         IPAAS_THROTTLE_LIMIT=str(args.limit),

@@ -84,6 +84,7 @@ def replicas_rate(
         CTSYNC_STATE_URL=redis.url,
         CTSYNC_DEAD_LETTER_URL=f"file:{tmp}/dead.jsonl",
         CTSYNC_LOG_LEVEL="WARNING",
+        CTSYNC_AUDIT="off",
         IPAAS_CONCURRENT_CONNECTIONS="10",
         IPAAS_CONCURRENT_BATCH_EXECUTIONS="10",
         IPAAS_BATCH_SIZE=str(batch_size),
@@ -222,7 +223,7 @@ async def main_async(count: int, sections: set[int]) -> None:
                     "   one update per entity, with claims beside without them (3 interleaved rounds, median)"
                 )
                 with open(os.devnull, "wb") as devnull:  # noqa: ASYNC230
-                    audit.configure(level="WARNING", stream=devnull)
+                    audit.configure(level="WARNING", stream=devnull, audit=False)
                     for batch_size in (10, 100, 1_000):
                         results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
                         for _ in range(3):

@@ -11,6 +11,10 @@ passes at about the speed of reading the file.
 A story follows the links the log records: a resource's events carry its ``message_key``; ``batch.sent``
 carries the ``message_keys`` (and notifications) of the hook request, identified by ``correlation_id``; a
 retry or a refusal of that request carries the same ``correlation_id``.
+
+Logs of every ctsync version are read alike: ``notifications`` as a list of ``{scope, external_id}`` (older)
+or as ``{scope: [external id, ...]}``; a message's place as ``position`` or as its source's own fields
+(Kafka ``topic``/``partition``/``offset``, a Pub/Sub ``message_id``, a file's ``file``/``line``).
 """
 
 from __future__ import annotations
@@ -150,9 +154,25 @@ def _names_external_id(event: Event, external_id: str) -> bool:
     if event.get("external_id") == external_id:
         return True
     notifications = event.get("notifications")
+    if isinstance(notifications, dict):
+        return any(isinstance(ids, list) and external_id in ids for ids in notifications.values())
     return isinstance(notifications, list) and any(
         isinstance(n, dict) and n.get("external_id") == external_id for n in notifications
     )
+
+
+def position(event: Event) -> str | None:
+    """Where the event's message was read: its ``position``, or one made of its source's own fields."""
+    found = event.get("position")
+    if found is not None:
+        return str(found)
+    if event.get("topic") is not None and event.get("offset") is not None:
+        return f"{event.get('topic')}/{event.get('partition')}/{event.get('offset')}"
+    if event.get("message_id") is not None:
+        return str(event.get("message_id"))
+    if event.get("file") is not None and event.get("line") is not None:
+        return f"{event.get('file')}:{event.get('line')}"
+    return None
 
 
 def _follow(events: Sequence[Event], keys: set[str], correlation_ids: set[str]) -> list[Event]:
@@ -248,9 +268,8 @@ def story_lines(events: Sequence[Event]) -> list[str]:
     lines = []
     width = max((len(e.name) for e in events), default=0)
     for event in events:
-        fields = " ".join(
-            f"{name}={_value(event.get(name))}" for name in STORY_FIELDS if event.get(name) not in (None, "")
-        )
+        shown = ((name, position(event) if name == "position" else event.get(name)) for name in STORY_FIELDS)
+        fields = " ".join(f"{name}={_value(value)}" for name, value in shown if value not in (None, ""))
         if event.name == "batch.sent" and event.get("message_keys"):
             fields += f" message_keys={len(event.get('message_keys'))}"
         lines.append(f"{event.get('timestamp') or '-':<27}  {event.name:<{width}}  {fields}".rstrip())

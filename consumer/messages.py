@@ -56,6 +56,10 @@ class ChangeEvent:
     sequence_number: int | None = None
     cloud_events: bool = False
     payload_not_included: bool = False
+    # When commercetools made the change, as the payload says it (``createdAt`` of a message, ``modifiedAt``
+    # of a change notification, also inside a CloudEvent's data); None when absent or not a string. Only
+    # measured (ctsync_change_latency_seconds), never judged: a payload is not invalid for it.
+    changed_at: str | None = field(default=None, compare=False)
     # Derived once here: the pipeline reads both keys several times per payload on its hot path.
     message_key: str = field(init=False, repr=False, compare=False)
     """The dedupe key: the message id, or type+id+notificationType+version for changes."""
@@ -89,6 +93,7 @@ _EVENT_SLOTS = (
     "sequence_number",
     "cloud_events",
     "payload_not_included",
+    "changed_at",
     "message_key",
     "resource_key",
 )
@@ -107,6 +112,7 @@ if ChangeEvent.__slots__ != _EVENT_SLOTS:
     _set_sequence_number,
     _set_cloud_events,
     _set_payload_not_included,
+    _set_changed_at,
     _set_message_key,
     _set_resource_key,
 ) = (getattr(ChangeEvent, name).__set__ for name in _EVENT_SLOTS)
@@ -124,6 +130,7 @@ def _new_event(
     project_key: str | None,
     sequence_number: int | None,
     payload_not_included: bool,
+    changed_at: str | None,
 ) -> ChangeEvent:
     """Build what ``ChangeEvent(...)`` would, keys included, for a Platform event (never CloudEvents)."""
     event: ChangeEvent = object.__new__(ChangeEvent)
@@ -140,6 +147,7 @@ def _new_event(
     _set_sequence_number(event, sequence_number)
     _set_cloud_events(event, False)
     _set_payload_not_included(event, payload_not_included)
+    _set_changed_at(event, changed_at if type(changed_at) is str else None)
     _set_message_key(
         event, message_id if message_id is not None else f"{resource_key}:{kind.value}:{version}"
     )
@@ -386,6 +394,7 @@ def _message(obj: dict[str, Any], cloud_events: bool) -> ChangeEvent:
         _version(obj, "sequenceNumber", False),
         cloud_events,
         payload_not_included is not None,
+        _text(obj.get("createdAt")),
     )
 
 
@@ -404,6 +413,8 @@ def _change(kind: NotificationType) -> Callable[[dict[str, Any], bool], ChangeEv
             _project_key(obj),
             None,
             cloud_events,
+            False,
+            _text(obj.get("modifiedAt")),
         )
 
     return build
@@ -431,7 +442,13 @@ def _event(obj: dict[str, Any], cloud_events: bool) -> ChangeEvent:
         _project_key(obj),
         None,
         cloud_events,
+        False,
+        _text(obj.get("createdAt")),
     )
+
+
+def _text(value: object) -> str | None:
+    return value if type(value) is str else None
 
 
 _BUILDERS: Mapping[str, Callable[[dict[str, Any], bool], ChangeEvent]] = {
@@ -520,6 +537,7 @@ def _parse_fast(obj: dict[str, Any]) -> ChangeEvent | None:
             message.projectKey,
             message.sequenceNumber,
             not_included is not None,
+            obj.get("createdAt"),
         )
     change_kind = _FAST_CHANGE_KINDS.get(kind)
     if change_kind is None:
@@ -538,6 +556,7 @@ def _parse_fast(obj: dict[str, Any]) -> ChangeEvent | None:
         change.projectKey,
         None,
         False,
+        obj.get("modifiedAt"),
     )
 
 

@@ -28,7 +28,7 @@ from consumer.messages import ChangeEvent, InvalidMessage, parse
 from consumer.outbox import NO_RANK, Covered, Outbox, PendingNotification, should_send
 from consumer.ports import DeadLetter, DeadLetterSink, Envelope, HookResponse, Sink, Source
 from consumer.retry import backoff_delay
-from consumer.routing import Action, Ignored, Router
+from consumer.routing import Action, Ignored, Notification, Router
 from consumer.throttle import Throttle
 
 _T = TypeVar("_T")
@@ -149,6 +149,47 @@ class LatencyHistogram:
         return out
 
 
+# End-to-end latencies span milliseconds (an idle pipeline) to an hour (a backlog behind the throttle).
+END_TO_END_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0
+)  # fmt: skip
+
+
+def epoch_seconds(timestamp: str) -> float | None:
+    """Return the Unix time of an ISO 8601 timestamp (``Z`` or an offset; naive means UTC), None if it
+    is not one."""
+    try:
+        when = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _where(envelope: Envelope) -> dict[str, Any]:
+    """Where an envelope came from, for its audit line: the source's own fields (Kafka topic, partition and
+    offset; a Pub/Sub message id...), which say all its position says, or the position alone."""
+    fields = envelope.source_fields
+    return dict(fields) if fields else {"position": envelope.position}
+
+
+def _with_watermark(key: str, watermark: int | None) -> dict[str, Any]:
+    return {"message_key": key} if watermark is None else {"message_key": key, "watermark": watermark}
+
+
+def _by_scope(notifications: Sequence[Notification]) -> dict[str, list[str]]:
+    """A batch's notifications as ``{scope: [external id, ...]}``: each scope written once."""
+    grouped: dict[str, list[str]] = {}
+    for notification in notifications:
+        ids = grouped.get(notification.scope)
+        if ids is None:
+            grouped[notification.scope] = [notification.external_id]
+        else:
+            ids.append(notification.external_id)
+    return grouped
+
+
 class Pipeline:
     """One service instance's pipeline from a source to a sink."""
 
@@ -164,6 +205,7 @@ class Pipeline:
         options: PipelineOptions,
         log: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.router = router
@@ -178,9 +220,17 @@ class Pipeline:
         self._info = log is not None or audit.info_enabled()
         self._info_line = (audit.info_writer() if log is None else None) or self._log_info
         self.clock = clock
+        self.wall_clock = wall_clock
         self.counts = Counts()
         self.health = Health()
         self.batch_latency = LatencyHistogram()
+        # Received by ctsync -> accepted by the hook, and commercetools' change time -> accepted, per
+        # message whose notification the hook accepted (what a covered or dead-lettered one waited is not
+        # a delivery). ``_received`` holds, per routed envelope in the outbox, when it was received and the
+        # change time the payload gave.
+        self.delivery_latency = LatencyHistogram(END_TO_END_BUCKETS)
+        self.change_latency = LatencyHistogram(END_TO_END_BUCKETS)
+        self._received: dict[int, tuple[float, str | None]] = {}
         self.outbox: Outbox[Envelope] = Outbox()
         self.holder = f"ctsync-{uuid.uuid4().hex[:12]}"
         limits = throttle.limits
@@ -278,6 +328,7 @@ class Pipeline:
             envelope.nack()
             self.counts.handed_back += 1
         self._unsettled.clear()
+        self._received.clear()
         list(self.outbox.drain())
 
     # -------------------------------------------------------------------------------------------- intake
@@ -318,7 +369,6 @@ class Pipeline:
         log = self.log
         info = self._info
         line = self._info_line
-        source = self.source.name
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
         for envelope in envelopes:
@@ -327,10 +377,7 @@ class Pipeline:
             result = parse(envelope.body)
             if isinstance(result, InvalidMessage):
                 if info:
-                    line(
-                        audit.MESSAGE_RECEIVED,
-                        {"source": source, "position": envelope.position, **envelope.source_fields},
-                    )
+                    line(audit.MESSAGE_RECEIVED, _where(envelope))
                 log.warning(
                     audit.MESSAGE_INVALID,
                     reason=result.reason,
@@ -343,18 +390,13 @@ class Pipeline:
             key = result.message_key
             self._unsettled[id(envelope)] = (envelope, key)
             if info:
-                line(
-                    audit.MESSAGE_RECEIVED,
-                    {
-                        "source": source,
-                        "position": envelope.position,
-                        "message_key": key,
-                        "resource_type": result.resource_type,
-                        "resource_id": result.resource_id,
-                        "version": result.version,
-                        **envelope.source_fields,
-                    },
-                )
+                received = _where(envelope)
+                received["message_key"] = key
+                received["resource_type"] = result.resource_type
+                received["resource_id"] = result.resource_id
+                if result.version is not None:
+                    received["version"] = result.version
+                line(audit.MESSAGE_RECEIVED, received)
             decision = self.router.route(result)
             if isinstance(decision, Ignored):
                 if info:
@@ -384,7 +426,7 @@ class Pipeline:
             key = event.message_key
             if judgement.verdict is Verdict.DUPLICATE:
                 if info:
-                    line(audit.MESSAGE_DUPLICATE, {"message_key": key, "watermark": judgement.watermark})
+                    line(audit.MESSAGE_DUPLICATE, _with_watermark(key, judgement.watermark))
                 self.counts.duplicate += 1
                 self._settle(envelope)
             elif judgement.verdict is Verdict.STALE:
@@ -402,18 +444,17 @@ class Pipeline:
                 self.counts.stale += 1
                 self._settle(envelope)
             else:
+                self._received[id(envelope)] = (now, event.changed_at)
                 duplicate_of_pending = info and self.outbox.is_pending(key)
                 if self.outbox.add(route, event, envelope, now):
                     self.counts.coalesced += 1
                     if info:
+                        # The notification it merged into (scope, external id) is in batch.sent.
                         line(
                             audit.NOTIFICATION_COALESCED,
-                            {
-                                "message_key": key,
-                                "scope": route.scope(self.options.debug),
-                                "external_id": route.external_id,
-                                "duplicate": duplicate_of_pending,
-                            },
+                            {"message_key": key, "duplicate": True}
+                            if duplicate_of_pending
+                            else {"message_key": key},
                         )
                 if route.fallback:
                     log.warning(
@@ -432,15 +473,17 @@ class Pipeline:
 
     def _settle(self, envelope: Envelope) -> None:
         settled = self._unsettled.pop(id(envelope), None)
+        self._received.pop(id(envelope), None)
         if settled is None:
             return
         key = settled[1]
         envelope.ack()
         self.counts.acked += 1
         if self._info:
+            # message.received gave the key's position; the source's own fields stay for per-partition views.
             self._info_line(
                 audit.MESSAGE_ACKED,
-                {"message_key": key, "position": envelope.position, **envelope.source_fields},
+                {"message_key": key, **envelope.source_fields} if key is not None else _where(envelope),
             )
         self._room.set()
 
@@ -602,8 +645,8 @@ class Pipeline:
                     "attempt": attempt,
                     "duration_ms": round(response.duration_ms, 1),
                     "message_keys": [key for entry in entries for key in entry.message_keys],
-                    "notifications": [n.as_json() for n in notifications],
-                    "detail": response.detail or None,
+                    "notifications": _by_scope(notifications),
+                    **({"detail": response.detail} if response.detail else {}),
                 },
             )
         return response, correlation_id
@@ -714,10 +757,25 @@ class Pipeline:
         )
         self._unclaim(entries)
         self.counts.notifications_sent += len(entries)
+        self._observe_latency(entries)
         for entry in entries:
             for envelope in entry.owed:
                 self._settle(envelope)
         self._settle_covered(self.outbox.finish(entries, delivered=True))
+
+    def _observe_latency(self, entries: list[Entry]) -> None:
+        now, wall = self.clock(), self.wall_clock()
+        received = self._received
+        for entry in entries:
+            for envelope in entry.owed:
+                mark = received.get(id(envelope))
+                if mark is None:
+                    continue
+                self.delivery_latency.observe(max(now - mark[0], 0.0))
+                changed = epoch_seconds(mark[1]) if mark[1] is not None else None
+                if changed is not None:
+                    # Clocks differ between commercetools and here: a change "from the future" counts as 0.
+                    self.change_latency.observe(max(wall - changed, 0.0))
 
     # ------------------------------------------------------------------------------------------- claims
 
@@ -821,9 +879,7 @@ class Pipeline:
             if change.watermark is None:
                 self.counts.duplicate += 1
                 if self._info:
-                    self._info_line(
-                        audit.MESSAGE_DUPLICATE, {"message_key": change.message_key, "watermark": None}
-                    )
+                    self._info_line(audit.MESSAGE_DUPLICATE, {"message_key": change.message_key})
             else:
                 self.counts.stale += 1
                 if self._info:

@@ -57,6 +57,7 @@ def settings_for(env_file: Path | None, command: str, *, log_to_stderr: bool = F
         log_format=settings.ctsync_log_format,
         secrets=settings.secret_values(),
         stream=sys.stderr.buffer if log_to_stderr else None,
+        audit=settings.ctsync_audit == "on",
     )
     for name, meant in unknown.items():
         reason = "not a ctsync setting" + (f"; did you mean {meant}?" if meant else " (typo?)")
@@ -75,6 +76,7 @@ def configure_stderr_audit(settings: Settings | None, secrets: list[str]) -> Non
         log_format=settings.ctsync_log_format if settings is not None else "json",
         secrets=secrets,
         stream=sys.stderr.buffer,
+        audit=settings is not None and settings.ctsync_audit == "on",
     )
 
 

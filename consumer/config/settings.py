@@ -24,6 +24,7 @@ from consumer.config.values import (
     REQUIRED_FOR,
     SECRET_VARIABLES,
     SPACE,
+    AuditSwitch,
     DeadLetterTarget,
     Listen,
     ListenAddress,
@@ -149,6 +150,10 @@ class Settings(BaseSettings):
     )
     ctsync_log_level: Annotated[LogLevel, BeforeValidator(upper_case)] = Field(
         "INFO", validation_alias="CTSYNC_LOG_LEVEL"
+    )
+    # The audit trail (every message's fate) is written whatever CTSYNC_LOG_LEVEL says, unless this is off.
+    ctsync_audit: Annotated[AuditSwitch, BeforeValidator(lower_case)] = Field(
+        "on", validation_alias="CTSYNC_AUDIT"
     )
     # Not in the contract's table: how long a stop waits for in-flight work before handing it back.
     ctsync_drain_timeout_seconds: float = Field(

@@ -80,6 +80,20 @@ async def test_health_readiness_and_metrics_follow_the_pipeline() -> None:
             assert scraped["ctsync_batch_retries_total"] == 1
             assert scraped["ctsync_claim_waits_total"] == 0
             assert scraped["ctsync_batch_duration_seconds_count"] == pipeline.counts.requests
+            # One observation per accepted message, each carrying a change time (modifiedAt).
+            assert scraped["ctsync_delivery_latency_seconds_count"] == 20
+            assert scraped["ctsync_change_latency_seconds_count"] == 20
+            assert scraped["ctsync_delivery_latency_seconds_bucket{le=+Inf}"] == 20
+            build = [name for name in scraped if name.startswith("ctsync_build_info{")]
+            assert len(build) == 1 and scraped[build[0]] == 1 and "python=3." in build[0]
+            for name in (
+                "process_cpu_seconds_total",
+                "process_resident_memory_bytes",
+                "process_open_fds",
+                "process_max_fds",
+                "process_start_time_seconds",
+            ):
+                assert scraped[name] > 0, name
             assert scraped["ctsync_in_flight_envelopes"] == 0
             assert scraped["ctsync_ready"] == 1
             # A hook that refuses the key makes the instance not ready, with the reason.

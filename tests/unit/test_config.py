@@ -14,6 +14,7 @@ from consumer.config import (
     SourceSpec,
     StateLocation,
     commercetools_region,
+    did_you_mean,
     load_settings,
     unknown_variables,
 )
@@ -73,7 +74,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.dead_letter == DeadLetterTarget("file", path=tmp_path / "ctsync-dead-letters.jsonl")
     assert s.ctsync_dedupe_ttl_seconds == 604800 and s.ctsync_max_in_flight == 10000
     assert s.http_listen == ListenAddress("0.0.0.0", 9000) == s.ctsync_http_listen
-    assert s.ctsync_log_format == "json" and s.ctsync_log_level == "INFO"
+    assert s.ctsync_log_format == "json" and s.ctsync_log_level == "INFO" and s.ctsync_audit == "on"
     assert s.ctsync_drain_timeout_seconds == 30
 
 
@@ -142,6 +143,8 @@ def test_defaults(tmp_path: Path) -> None:
         ("CTSYNC_HTTP_LISTEN", "localhost:9100", "http_listen", ("localhost", 9100)),
         ("CTSYNC_LOG_FORMAT", "Console", "ctsync_log_format", "console"),
         ("CTSYNC_LOG_LEVEL", "debug", "ctsync_log_level", "DEBUG"),
+        ("CTSYNC_AUDIT", "OFF", "ctsync_audit", "off"),
+        ("CTSYNC_AUDIT", "on", "ctsync_audit", "on"),
         ("CTSYNC_DRAIN_TIMEOUT_SECONDS", "2.5", "ctsync_drain_timeout_seconds", 2.5),
     ],
 )
@@ -292,6 +295,7 @@ PROBLEMS = [
     ({"CTSYNC_DRAIN_TIMEOUT_SECONDS": "0"}, "CTSYNC_DRAIN_TIMEOUT_SECONDS", "> 0"),
     ({"CTSYNC_LOG_FORMAT": "xml"}, "CTSYNC_LOG_FORMAT", "one of json, console"),
     ({"CTSYNC_LOG_LEVEL": "trace"}, "CTSYNC_LOG_LEVEL", "one of DEBUG, INFO, WARNING, ERROR (got 'trace')"),
+    ({"CTSYNC_AUDIT": "no"}, "CTSYNC_AUDIT", "one of on, off (got 'no')"),
     ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
     ({"KAFKA_SASL_MECHANISM": "GSSAPI"}, "KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
     ({"KAFKA_AUTO_OFFSET_RESET": "none"}, "KAFKA_AUTO_OFFSET_RESET", "earliest, latest"),
@@ -620,7 +624,10 @@ def test_unknown_variables_catch_typos(tmp_path: Path) -> None:
 
 def test_every_setting_is_known() -> None:
     assert unknown_variables(dict.fromkeys(SETTING_VARIABLES, "x")) == []
-    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 44
+    assert "CTSYNC_DRAIN_TIMEOUT_SECONDS" in SETTING_VARIABLES and len(SETTING_VARIABLES) == 45
+    assert "CTSYNC_AUDIT" in SETTING_VARIABLES
+    assert unknown_variables({"CTSYNC_AUDITS": "off"}) == ["CTSYNC_AUDITS"]
+    assert did_you_mean("CTSYNC_AUDITS") == did_you_mean("CTSYNC_AUDT") == "CTSYNC_AUDIT"
 
 
 def test_summary_is_safe_to_log() -> None:
