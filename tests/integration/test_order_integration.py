@@ -96,8 +96,17 @@ async def test_three_replicas_on_redis_never_notify_a_resource_after_its_deletio
 ) -> None:
     redis = redis_servers()
     hook = slow_hook(hook_server_factory)
+    hook.faults.always = Fault.delay(0.1)  # flights long enough for the replicas to meet in them
     topic = await kafka.create_topic(partitions=3)
-    env = kafka_env(kafka, topic, f"g-{uuid.uuid4().hex[:8]}", hook, CTSYNC_STATE_URL=redis.url, **THROTTLE)
+    # Batches of 5: four times the flights, so the replicas' flights overlap for seconds, not a moment.
+    env = kafka_env(
+        kafka,
+        topic,
+        f"g-{uuid.uuid4().hex[:8]}",
+        hook,
+        CTSYNC_STATE_URL=redis.url,
+        **{**THROTTLE, "IPAAS_BATCH_SIZE": "5"},
+    )
     replicas = [ctsync_process(env, name=f"replica-{n}") for n in range(3)]
     # Every replica holds a partition before anything is produced, so on a loaded machine one replica cannot
     # take the whole backlog before the others join (the replicas must run at once to wait for each other).
@@ -106,9 +115,12 @@ async def test_three_replicas_on_redis_never_notify_a_resource_after_its_deletio
         timeout=90,
         message="each replica assigned a partition",
     )
-    # All partitions at once, so the replicas work on them at the same time.
+    # All partitions at once, so the replicas work on them at the same time; and in different orders (one
+    # as written, one reversed, one shuffled), so no replica trails another over the same resources, where
+    # it would find them delivered instead of meeting them in flight.
     changes, deleted = histories(200, 2_000, seed=13)
     parts = spread(changes, 3, seed=13)
+    parts = [parts[0], parts[1][::-1], shuffled(parts[2], seed=13)]
     await asyncio.gather(
         *(kafka.produce(topic, values, key=None, partition=n) for n, values in enumerate(parts))
     )
