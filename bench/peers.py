@@ -24,6 +24,10 @@ Figures per contender: payloads/s from the hook's first to last accepted request
 that tansu advertises in front of itself.
 
 Run: ``.venv/bin/python bench/peers.py [--payloads N] [--rounds R]`` (``make bench`` runs it too).
+
+``--idle SECONDS``: instead, ctsync at its defaults under a full throttle (one request an hour, so after the
+first one nothing leaves) with ``CTSYNC_MAX_IN_FLIGHT`` envelopes waiting: the share of a core it burns
+while it can only wait, measured over SECONDS once the in-flight bound is reached.
 """
 
 from __future__ import annotations
@@ -265,6 +269,50 @@ def run_once(
     return rate, cpu * 100_000 / count, (counter.fetches - fetches_before) * 100_000 / count
 
 
+def idle_share(counter: FetchCounter, topic: str, hook: HookServer, tmp: Path, seconds: float) -> float:
+    """Run ctsync at its defaults under a full throttle; return its CPU share of one core while it waits."""
+    hook.reset()
+    argv, env = command("ctsync", counter.address, topic, f"idle-{uuid.uuid4().hex[:6]}", hook, tmp)
+    env.update(IPAAS_THROTTLE_LIMIT="1", IPAAS_THROTTLE_SECONDS="3600")
+    with open(os.devnull, "wb") as devnull, (tmp / "idle.err").open("wb") as errors:
+        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    try:
+        deadline = time.monotonic() + 120
+        while not hook.notifications:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ctsync sent nothing: {(tmp / 'idle.err').read_text()[-2000:]}")
+            time.sleep(0.05)
+        # The first request left with the first batch; the intake then fills up to the bound and stops.
+        time.sleep(5)
+        cpu, started = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        return (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started)
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+
+
+async def idle_async(seconds: float, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        counter = FetchCounter()
+        tansu, counter.upstream = start_tansu(tmp / "tansu.log", advertised=counter.address)
+        counter.start()
+        try:
+            kafka = Kafka(counter.upstream)
+            topic = await kafka.create_topic(partitions=3)
+            await kafka.produce(topic, updates(20_000, topic), key=None)
+            with HookServer() as hook:
+                shares = [
+                    await asyncio.to_thread(idle_share, counter, topic, hook, tmp, seconds)
+                    for _ in range(rounds)
+                ]
+        finally:
+            stop_process(tansu)
+    print(f"ctsync at its defaults under a full throttle, 10,000 envelopes waiting, {seconds:.0f} s each:")
+    print(f"  idle CPU {statistics.median(shares) * 100:.2f} % of a core (median of {rounds}: ", end="")
+    print(", ".join(f"{share * 100:.2f} %" for share in shares) + ")")
+
+
 async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -303,8 +351,12 @@ def main() -> None:
     parser.add_argument("--payloads", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--contenders", default="hand,faststream,ctsync,ctsync-memory-1000")
+    parser.add_argument("--idle", type=float, metavar="SECONDS", help="idle CPU, full throttle")
     args = parser.parse_args()
-    asyncio.run(main_async(args.payloads, args.rounds, args.contenders.split(",")))
+    if args.idle:
+        asyncio.run(idle_async(args.idle, args.rounds))
+    else:
+        asyncio.run(main_async(args.payloads, args.rounds, args.contenders.split(",")))
 
 
 if __name__ == "__main__":
