@@ -6,14 +6,13 @@ Adapters are imported lazily so the core stays free of broker and HTTP libraries
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from consumer import audit
+from consumer import audit, collector
 from consumer.config import Settings
 from consumer.dedupe import Deduplicator
 from consumer.dry_run import DryRunSink, HandingBackSource, ReadOnlyStateStore
@@ -22,36 +21,8 @@ from consumer.ports import DeadLetterSink, Sink, Source, StateStore, ThrottleSto
 from consumer.routing import Router, ScopeMap, load_scope_map
 from consumer.throttle import LocalThrottleStore, Throttle, ThrottleLimits
 
-# With CPython's default thresholds (700, 10, 10) the collector ran so often over the envelopes in flight
-# that it took about 40 % of the time per payload (bench/pipeline.py). The core makes no reference cycles,
-# but httpx leaves one per hook request (a response and its stream), holding the request body: so automatic
-# collections are made rare, and a full collection runs on a clock instead, which bounds that garbage by
-# time (at most one interval's requests) rather than by allocation counts.
-GC_THRESHOLDS = (50_000, 50, 1_000)
-GC_INTERVAL_SECONDS = 1.0
-
-
-@asynccontextmanager
-async def garbage_collected_on_a_clock(interval: float = GC_INTERVAL_SECONDS) -> AsyncIterator[None]:
-    """Within the block: start-up objects are frozen out of collections, automatic collections are rare,
-    and a full collection runs every ``interval`` seconds. The collector's settings are restored after."""
-    previous = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    collector = asyncio.create_task(_collect_every(interval), name="ctsync-gc")
-    try:
-        yield
-    finally:
-        collector.cancel()
-        gc.set_threshold(*previous)
-        gc.unfreeze()
-
-
-async def _collect_every(interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        gc.collect()
+# The collector regime lives in consumer.collector; cli.py and _sweep_cli.py still call it by this name.
+garbage_collected_on_a_clock = collector.garbage_collected
 
 
 # Sources whose acks change what the stream delivers next (the names their adapters give them).
