@@ -705,7 +705,14 @@ class Pipeline:
             await self._settle_batch(half, half_response, half_id, attempt=1)
 
     async def _delivered(self, entries: list[Entry]) -> None:
-        keys = [key for entry in entries for key in entry.message_keys]
+        # Only versionless changes need their keys remembered: the watermarks cover the others.
+        keys = [
+            key
+            for entry in entries
+            if entry.versionless
+            for key, (_, rank, _) in zip(entry.message_keys, entry.changes, strict=True)
+            if rank == NO_RANK
+        ]
         ranks: dict[str, int] = {}
         for entry in entries:
             for resource, rank in entry.ranks.items():
