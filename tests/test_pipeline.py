@@ -6,6 +6,8 @@ import asyncio
 from collections import Counter
 
 import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapters.state_memory import MemoryStateStore
 from consumer.dedupe import Deduplicator
@@ -139,3 +141,80 @@ async def test_versioned_changes_leave_no_key_and_their_redeliveries_are_settled
     assert again_sink.requests == []
     assert (again.counts.stale, again.counts.duplicate) == (3, 0)
     assert sorted(again_source.acked) == [0, 1, 2]
+
+
+class RecordingLog:
+    """A stand-in for the audit logger: every event with its fields, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def _record(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+    info = warning = error = debug = _record
+
+    def bind(self, **_: object) -> RecordingLog:
+        return self
+
+
+def subscription_test(i: int) -> bytes:
+    return orjson.dumps(
+        {
+            "notificationType": "ResourceCreated",
+            "projectKey": "acme",
+            "resource": {"typeId": "subscription", "id": f"s-{i}"},
+            "version": 1,
+        }
+    )
+
+
+payload_kinds = st.one_of(
+    st.tuples(st.just("update"), st.integers(0, 4), st.integers(1, 6)),
+    st.tuples(st.just("invalid"), st.just(0), st.just(0)),
+    st.tuples(st.just("ignored"), st.integers(0, 3), st.just(0)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(payload_kinds, min_size=1, max_size=60), st.integers(1, 25), st.integers(1, 7))
+def test_batched_intake_settles_each_payload_once_with_its_own_story(
+    kinds: list[tuple[str, int, int]], fetch_max: int, batch_size: int
+) -> None:
+    bodies = [
+        update(a, b) if kind == "update" else b"{not json" if kind == "invalid" else subscription_test(a)
+        for kind, a, b in kinds
+    ]
+    source, sink, log = ListSource(bodies), RecordingSink(), RecordingLog()
+    limits = ThrottleLimits(limit=1000, window_seconds=1.0, connections=3, batch_executions=3)
+    pipeline = Pipeline(
+        source=source,
+        router=Router(),
+        deduplicator=Deduplicator(MemoryStateStore(), 60),
+        throttle=Throttle(LocalThrottleStore(limits), limits),
+        sink=sink,
+        dead_letters=MemoryDeadLetters(),
+        options=PipelineOptions(batch_size=batch_size, fetch_max=fetch_max),
+        log=log,
+    )
+    counts = asyncio.run(pipeline.run())
+    # Every payload acked exactly once, none handed back.
+    assert sorted(source.acked) == list(range(len(bodies))) and source.nacked == []
+    assert counts.acked == counts.received == len(bodies)
+    # Each payload's story: received first, acked last, once each.
+    stories: dict[str, list[str]] = {}
+    for event, fields in log.events:
+        position = fields.get("position")
+        if isinstance(position, str) and position.startswith("memory:"):
+            stories.setdefault(position, []).append(event)
+    for i in range(len(bodies)):
+        story = stories[f"memory:{i}"]
+        assert story[0] == "message.received" and story[-1] == "message.acked", story
+        assert story.count("message.received") == story.count("message.acked") == 1, story
+    # Every stage counted each payload once; every updated entity was notified.
+    invalid = sum(kind == "invalid" for kind, _, _ in kinds)
+    assert (counts.invalid, counts.dead_lettered) == (invalid, invalid)
+    assert counts.ignored == sum(kind == "ignored" for kind, _, _ in kinds)
+    assert counts.received == counts.invalid + counts.ignored + counts.routed
+    notified = {n.external_id for n in sink.notifications}
+    assert set(notified) == {f"product-{a}" for kind, a, _ in kinds if kind == "update"}
