@@ -18,6 +18,8 @@ Contenders, each a fresh process, in interleaved rounds (medians reported):
   body fails validation and nothing is ever sent).
 - ``ctsync``: ``ctsync run`` at its defaults (SQLite state, INFO audit trail, batch 100), audit to /dev/null.
 - ``ctsync-memory-1000``: memory state, batch size 1,000.
+- ``ctsync-quiet`` (only when named in ``--contenders``): the defaults with ``CTSYNC_LOG_LEVEL=WARNING``, no
+  per-message audit lines: what the audit trail costs, by difference.
 
 Figures per contender: payloads/s from the hook's first to last accepted request, CPU-s per 100k payloads
 (user + system of the contender's process), and Kafka fetch requests per 100k payloads, counted by a proxy
@@ -235,8 +237,10 @@ def command(contender: str, bootstrap: str, topic: str, group: str, hook: HookSe
         "IPAAS_THROTTLE_LIMIT": "1000000",
         "IPAAS_THROTTLE_SECONDS": "1",
     }
-    if contender == "ctsync":
+    if contender in ("ctsync", "ctsync-quiet"):
         env["CTSYNC_STATE_URL"] = f"sqlite:///{tmp}/state-{group}.db"
+        if contender == "ctsync-quiet":
+            env["CTSYNC_LOG_LEVEL"] = "WARNING"
     else:
         env.update(CTSYNC_STATE_URL="memory://", IPAAS_BATCH_SIZE="1000")
     return [sys.executable, "-m", "consumer.cli", "run"], env
