@@ -330,13 +330,14 @@ class Pipeline:
         counts = self.counts
         unsettled = self._unsettled
         route = self.router.route
+        # Registered before anything can fail, so whatever happens next they are settled or handed back.
+        unsettled.update({id(envelope): (envelope, None) for envelope in envelopes})
         results = [parse(envelope.body) for envelope in envelopes]
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
         ignored: list[Envelope] = []
         for envelope, result in zip(envelopes, results, strict=True):
             if isinstance(result, InvalidMessage):
-                unsettled[id(envelope)] = (envelope, None)
                 if info:
                     line(
                         audit.MESSAGE_RECEIVED,
