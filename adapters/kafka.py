@@ -261,8 +261,12 @@ class KafkaSource:
                 async with asyncio.timeout(1.0):
                     await self._ready.wait()
         buffer = self._buffer
-        count = min(max_count, len(buffer))
-        envelopes = [buffer.popleft() for _ in range(count)]
+        if max_count >= len(buffer):
+            envelopes = list(buffer)
+            buffer.clear()
+        else:
+            popleft = buffer.popleft
+            envelopes = [popleft() for _ in range(max_count)]
         exhausted = (
             self.exhaust_after_idle is not None
             and not buffer
@@ -313,21 +317,29 @@ class KafkaSource:
                 await self.commit()
 
     def _take(self, batches: dict[Any, list[Any]]) -> None:
-        buffer = self._buffer
+        """Turn what one poll fetched into envelopes, one pass per partition."""
+        append = self._buffer.append
+        acked = self._acked
+        handed_back = self._handed_back
+        plain = self.exhaust_after_idle is None
         for tp, records in batches.items():
             topic, number = tp.topic, tp.partition
             offsets = self.offsets.partition((topic, number))
+            offsets.received_many([record.offset for record in records])
+            prefix = f"{topic}/{number}/"
             for record in records:
                 offset = record.offset
-                offsets.received(offset)
-                buffer.append(
+                value = record.value
+                append(
                     Envelope(
-                        body=record.value if record.value is not None else b"",
-                        position=f"{topic}/{number}/{offset}",
-                        ack=partial(self._acked, offsets, offset),
-                        nack=self._handed_back,
-                        source_fields=self._fields(topic, number, offset, record),
-                        key=record.key,
+                        value if value is not None else b"",
+                        prefix + str(offset),
+                        partial(acked, offsets, offset),
+                        handed_back,
+                        {"topic": topic, "partition": number, "offset": offset}
+                        if plain
+                        else self._fields(topic, number, offset, record),
+                        record.key,
                     )
                 )
         self._last_record = time.monotonic()

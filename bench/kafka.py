@@ -38,8 +38,8 @@ from aiolimiter import AsyncLimiter
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from consumer import audit  # noqa: E402
-from consumer.cli import lifecycle, wiring  # noqa: E402
+from consumer import audit, collector  # noqa: E402
+from consumer.cli import wiring  # noqa: E402
 from consumer.config import load_settings  # noqa: E402
 from tests.servers.apachekafka import BrokerUnavailable, start_apache_kafka  # noqa: E402
 from tests.servers.hookserver import HookServer  # noqa: E402
@@ -136,7 +136,7 @@ async def ctsync_rate(environ: dict[str, str], count: int) -> tuple[float, dict[
     built = await wiring.build(settings, source, finite=False)
     pipeline = built.pipeline
     stop = asyncio.Event()
-    async with lifecycle.garbage_collected_on_a_clock():  # as `ctsync run` does
+    async with collector.garbage_collected():  # as `ctsync run` does
         running = asyncio.create_task(pipeline.run(stop))
         first = 0.0
         try:
@@ -216,11 +216,11 @@ async def throughput(kafka: Kafka, count: int) -> str:
     bodies = _pipeline_bench().payloads(count, entities=count // 4)
     topic = await kafka.create_topic(partitions=3)
     await kafka.produce(topic, bodies)
-    async with lifecycle.garbage_collected_on_a_clock():  # the collector settings ctsync runs with
+    async with collector.garbage_collected():  # the collector settings ctsync runs with
         ceiling = await raw_rate(kafka.bootstrap, topic, count)
     print(f"1. {count:,} payloads over {count // 4:,} entities, 3 partitions, unthrottled hook")
     print(f"   raw aiokafka getmany loop       {ceiling:10,.0f} payloads/s   (ceiling)")
-    async with lifecycle.garbage_collected_on_a_clock():
+    async with collector.garbage_collected():
         decoded = await raw_rate(kafka.bootstrap, topic, count, decode=True)
     print(
         f"   the same, orjson.loads each     {decoded:10,.0f} payloads/s   ratio {decoded / ceiling:.2f}"
@@ -305,7 +305,7 @@ async def apache_kafka(count: int) -> None:
             kafka = Kafka(broker.sasl_ssl, **options)
             topic = await kafka.create_topic(partitions=3)
             await kafka.produce(topic, _pipeline_bench().payloads(count, entities=count // 4))
-            async with lifecycle.garbage_collected_on_a_clock():
+            async with collector.garbage_collected():
                 plain = await raw_rate(broker.plaintext, topic, count)
                 sasl_ssl = await raw_rate(broker.sasl_ssl, topic, count, **options)
             print(f"   raw getmany loop, PLAINTEXT     {plain:10,.0f} payloads/s")

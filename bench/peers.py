@@ -13,15 +13,23 @@ Contenders, each a fresh process, in interleaved rounds (medians reported):
   newest version wins), one ``httpx.AsyncClient`` POST per 100 notifications, commit after each fetch's
   notifications were accepted. No durable state, no audit trail, no throttle, no dead letters.
 - ``faststream``: the same handler as a FastStream 0.7 batch subscriber (``batch=True, max_records=100``,
-  ``AckPolicy.ACK``: acked after the handler returns), with the same dedupe dict and httpx client.
+  ``AckPolicy.ACK``: acked after the handler returns), with the same dedupe dict and httpx client. The
+  handler takes ``list[dict]``: FastStream decodes JSON bodies itself (annotated ``list[bytes]`` every
+  body fails validation and nothing is ever sent).
 - ``ctsync``: ``ctsync run`` at its defaults (SQLite state, INFO audit trail, batch 100), audit to /dev/null.
 - ``ctsync-memory-1000``: memory state, batch size 1,000.
+- ``ctsync-quiet`` (only when named in ``--contenders``): the defaults with ``CTSYNC_LOG_LEVEL=WARNING``, no
+  per-message audit lines: what the audit trail costs, by difference.
 
 Figures per contender: payloads/s from the hook's first to last accepted request, CPU-s per 100k payloads
 (user + system of the contender's process), and Kafka fetch requests per 100k payloads, counted by a proxy
 that tansu advertises in front of itself.
 
 Run: ``.venv/bin/python -m bench.peers [--payloads N] [--rounds R]`` (``make bench`` runs it too).
+
+``--idle SECONDS``: instead, ctsync at its defaults under a full throttle (one request an hour, so after the
+first one nothing leaves) with ``CTSYNC_MAX_IN_FLIGHT`` envelopes waiting: the share of a core it burns
+while it can only wait, measured over SECONDS once the in-flight bound is reached.
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ asyncio.run(main())
 """
 
 FASTSTREAM = """
-import asyncio, sys, uuid, httpx, orjson
+import asyncio, sys, uuid, httpx
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 
@@ -106,10 +114,9 @@ client = httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=3
 
 @broker.subscriber(topic, group_id=group, batch=True, max_records=100, auto_offset_reset="earliest",
                    ack_policy=AckPolicy.ACK)
-async def handle(bodies: list[bytes]) -> None:
+async def handle(changes: list[dict]) -> None:
     pending = {}
-    for body in bodies:
-        change = orjson.loads(body)
+    for change in changes:
         resource = change["resource"]
         message_key = f"{resource['typeId']}:{resource['id']}:{change['version']}"
         if message_key in seen:
@@ -229,8 +236,10 @@ def command(contender: str, bootstrap: str, topic: str, group: str, hook: HookSe
         "IPAAS_THROTTLE_LIMIT": "1000000",
         "IPAAS_THROTTLE_SECONDS": "1",
     }
-    if contender == "ctsync":
+    if contender in ("ctsync", "ctsync-quiet"):
         env["CTSYNC_STATE_URL"] = f"sqlite:///{tmp}/state-{group}.db"
+        if contender == "ctsync-quiet":
+            env["CTSYNC_LOG_LEVEL"] = "WARNING"
     else:
         env.update(CTSYNC_STATE_URL="memory://", IPAAS_BATCH_SIZE="1000")
     return [sys.executable, "-m", "consumer.cli", "run"], env
@@ -261,6 +270,50 @@ def run_once(
     arrivals = hook.arrivals
     rate = count / max(arrivals[-1] - arrivals[0], 1e-9)
     return rate, cpu * 100_000 / count, (counter.fetches - fetches_before) * 100_000 / count
+
+
+def idle_share(counter: FetchCounter, topic: str, hook: HookServer, tmp: Path, seconds: float) -> float:
+    """Run ctsync at its defaults under a full throttle; return its CPU share of one core while it waits."""
+    hook.reset()
+    argv, env = command("ctsync", counter.address, topic, f"idle-{uuid.uuid4().hex[:6]}", hook, tmp)
+    env.update(IPAAS_THROTTLE_LIMIT="1", IPAAS_THROTTLE_SECONDS="3600")
+    with open(os.devnull, "wb") as devnull, (tmp / "idle.err").open("wb") as errors:
+        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    try:
+        deadline = time.monotonic() + 120
+        while not hook.notifications:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ctsync sent nothing: {(tmp / 'idle.err').read_text()[-2000:]}")
+            time.sleep(0.05)
+        # The first request left with the first batch; the intake then fills up to the bound and stops.
+        time.sleep(5)
+        cpu, started = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        return (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started)
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+
+
+async def idle_async(seconds: float, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        counter = FetchCounter()
+        tansu, counter.upstream = start_tansu(tmp / "tansu.log", advertised=counter.address)
+        counter.start()
+        try:
+            kafka = Kafka(counter.upstream)
+            topic = await kafka.create_topic(partitions=3)
+            await kafka.produce(topic, updates(20_000, topic), key=None)
+            with HookServer() as hook:
+                shares = [
+                    await asyncio.to_thread(idle_share, counter, topic, hook, tmp, seconds)
+                    for _ in range(rounds)
+                ]
+        finally:
+            stop_process(tansu)
+    print(f"ctsync at its defaults under a full throttle, 10,000 envelopes waiting, {seconds:.0f} s each:")
+    print(f"  idle CPU {statistics.median(shares) * 100:.2f} % of a core (median of {rounds}: ", end="")
+    print(", ".join(f"{share * 100:.2f} %" for share in shares) + ")")
 
 
 async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
@@ -301,8 +354,12 @@ def main() -> None:
     parser.add_argument("--payloads", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--contenders", default="hand,faststream,ctsync,ctsync-memory-1000")
+    parser.add_argument("--idle", type=float, metavar="SECONDS", help="idle CPU, full throttle")
     args = parser.parse_args()
-    asyncio.run(main_async(args.payloads, args.rounds, args.contenders.split(",")))
+    if args.idle:
+        asyncio.run(idle_async(args.idle, args.rounds))
+    else:
+        asyncio.run(main_async(args.payloads, args.rounds, args.contenders.split(",")))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import orjson
 
 from adapters.memory import MemoryStateStore
 from adapters.sqlite.state import SqliteStateStore
-from consumer import audit
-from consumer.cli import lifecycle
+from consumer import audit, collector
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions
 from consumer.ports import StateStore
@@ -87,7 +86,7 @@ async def run_pipeline(
         options=PipelineOptions(batch_size=batch_size, max_in_flight=10_000),
     )
     started = time.perf_counter()
-    async with lifecycle.garbage_collected_on_a_clock():  # as `ctsync run` does
+    async with collector.garbage_collected():  # as `ctsync run` does
         await pipeline.run()
     elapsed = time.perf_counter() - started
     await store.close()

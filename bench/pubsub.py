@@ -31,8 +31,8 @@ from pipeline import UNTHROTTLED, payloads
 
 from adapters import pubsub
 from adapters.memory import MemoryStateStore
-from consumer import audit
-from consumer.cli import lifecycle, wiring
+from consumer import audit, collector
+from consumer.cli import wiring
 from consumer.config import load_settings
 from consumer.dedupe import Deduplicator
 from consumer.pipeline import Pipeline, PipelineOptions
@@ -107,7 +107,7 @@ def bare_ceiling(bodies: Sequence[bytes], scheduler: Any) -> float:
 async def collected(measure: Callable[..., float], *args: Any) -> float:
     """Run a thread-driven measurement under the collector settings ctsync runs with, so that baselines and
     ctsync are compared on equal terms."""
-    async with lifecycle.garbage_collected_on_a_clock():
+    async with collector.garbage_collected():
         return await asyncio.to_thread(measure, *args)
 
 
@@ -143,7 +143,7 @@ async def through_ctsync(bodies: Sequence[bytes]) -> float:
         target=feed, args=(bodies, completion, source.on_message, scheduler), daemon=True
     )
     feeder.start()
-    async with lifecycle.garbage_collected_on_a_clock():  # as `ctsync run` does
+    async with collector.garbage_collected():  # as `ctsync run` does
         await pipeline.run(stop)
     elapsed = time.perf_counter() - started
     await asyncio.to_thread(feeder.join)
@@ -156,7 +156,7 @@ async def pipeline_alone(bodies: Sequence[bytes]) -> float:
     """The same pipeline over an in-memory list: no threads, no hand-over (what the core alone costs)."""
     pipeline = build_pipeline(ListSource(bodies))
     started = time.perf_counter()
-    async with lifecycle.garbage_collected_on_a_clock():  # as `ctsync run` does
+    async with collector.garbage_collected():  # as `ctsync run` does
         await pipeline.run()
     return len(bodies) / (time.perf_counter() - started)
 
@@ -269,7 +269,7 @@ async def ctsync_subscriber(host: str, subscription: str, count: int) -> float:
 
     async with asyncio.timeout(600):
         watcher = asyncio.create_task(watch())
-        async with lifecycle.garbage_collected_on_a_clock():  # as `ctsync run` does
+        async with collector.garbage_collected():  # as `ctsync run` does
             await pipeline.run(stop)
         await watcher
     elapsed = time.perf_counter() - started

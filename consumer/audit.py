@@ -66,7 +66,7 @@ BACKFILL_PAGE: Final = "backfill.page"
 BACKFILL_CURSOR_SAVED: Final = "backfill.cursor_saved"
 BACKFILL_TYPE_DONE: Final = "backfill.type_done"
 BACKFILL_FINISHED: Final = "backfill.finished"
-# A dry run's batch, logged instead of sent (consumer/app.py).
+# A dry run's batch, logged instead of sent (consumer/cli/wiring.py).
 DRY_RUN_WOULD_SEND: Final = "dry_run.would_send"
 
 # The events that make the audit trail: a message's fate, a hook request's, the service's life. They are

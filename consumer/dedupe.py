@@ -3,10 +3,13 @@
 Two kinds of memory, both kept by a StateStore and written only after a notification was delivered, never
 on receipt, so a crash between receipt and delivery re-delivers instead of losing:
 
-- delivered message keys (message id; for changes type+id+notificationType+version), for a TTL;
 - per-resource watermarks: the highest version delivered. A version at or below it is stale. A deletion
   ranks above any other change of the same version (``version_rank``), so a ResourceDeleted is not swallowed
   by an update of the version it deleted, while an update arriving after that deletion is.
+- delivered message keys (message id; for changes type+id+notificationType+version), for a TTL, only of
+  changes that carry no version. A versioned change is covered by its resource's watermark, which its
+  delivery raised at least to its rank for at least as long: its redelivery is judged stale without a key
+  (``remembers_key``), so its key is neither written nor read.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ class Judgement:
     watermark: int | None = None
 
 
+def remembers_key(event: ChangeEvent) -> bool:
+    """Return whether the delivered state keeps this change's message key: only a versionless change needs
+    it, the watermark covers a versioned one."""
+    return event.version is None
+
+
 def judge(event: ChangeEvent, deleted: bool, view: StateView) -> Judgement:
     """Judge one event against the delivered state; pure."""
     if event.message_key in view.delivered_keys:
@@ -60,11 +69,12 @@ class Deduplicator:
         self.ttl_seconds = ttl_seconds
 
     async def judge_many(self, items: Sequence[tuple[ChangeEvent, bool]]) -> list[Judgement]:
-        """Judge (event, is_deletion) pairs with one lookup."""
+        """Judge (event, is_deletion) pairs with one lookup: message keys of versionless changes,
+        watermarks of versioned ones."""
         if not items:
             return []
         view = await self.store.lookup(
-            {event.message_key for event, _ in items},
+            {event.message_key for event, _ in items if event.version is None},
             {event.resource_key for event, _ in items if event.version is not None},
         )
         return [judge(event, deleted, view) for event, deleted in items]
@@ -77,7 +87,8 @@ class Deduplicator:
         holder: str = "",
         release: Collection[str] = (),
     ) -> None:
-        """Remember delivered keys, raise watermarks to the given ranks and end the holder's claims."""
+        """Remember delivered keys (of versionless changes: see ``remembers_key``), raise watermarks to the
+        given ranks and end the holder's claims."""
         await self.store.record_delivered(
             message_keys, ranks, self.ttl_seconds, holder=holder, release=release
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable, Iterable
+from itertools import pairwise
 from typing import Generic, TypeVar
 
 PartitionT = TypeVar("PartitionT", bound=Hashable)
@@ -32,6 +33,17 @@ class PartitionOffsets:
         if self._pending and offset <= self._pending[-1]:
             raise ValueError(f"offset {offset} is not above the last one received ({self._pending[-1]})")
         self._pending.append(offset)
+
+    def received_many(self, offsets: list[int]) -> None:
+        """Note a fetched run of offsets, ascending (``received`` for each, in one step)."""
+        if not offsets:
+            return
+        pending = self._pending
+        if pending and offsets[0] <= pending[-1]:
+            raise ValueError(f"offset {offsets[0]} is not above the last one received ({pending[-1]})")
+        if any(b <= a for a, b in pairwise(offsets)):
+            raise ValueError(f"the {len(offsets)} offsets of a fetch are not ascending")
+        pending.extend(offsets)
 
     def acked(self, offset: int) -> None:
         if self.retired:

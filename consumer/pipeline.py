@@ -16,7 +16,7 @@ import functools
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -365,16 +365,23 @@ class Pipeline:
             self._changed.set()
 
     async def _take_in(self, envelopes: Sequence[Envelope]) -> None:
+        """Take in what one fetch returned, one pass per stage over the whole batch: parse, register and
+        filter, dead-letter the invalid, judge (one state lookup), merge into the outbox, settle what needs
+        no notification. No await and no future per payload: the awaits are per batch."""
         now = self.clock()
         log = self.log
         info = self._info
         line = self._info_line
+        counts = self.counts
+        unsettled = self._unsettled
+        route = self.router.route
+        # Registered before anything can fail, so whatever happens next they are settled or handed back.
+        unsettled.update({id(envelope): (envelope, None) for envelope in envelopes})
+        results = [parse(envelope.body) for envelope in envelopes]
         letters: list[tuple[Envelope, DeadLetter]] = []
         routed: list[tuple[Envelope, ChangeEvent, Any]] = []
-        for envelope in envelopes:
-            self._unsettled[id(envelope)] = (envelope, None)
-            self.counts.received += 1
-            result = parse(envelope.body)
+        ignored: list[Envelope] = []
+        for envelope, result in zip(envelopes, results, strict=True):
             if isinstance(result, InvalidMessage):
                 if info:
                     line(audit.MESSAGE_RECEIVED, _where(envelope))
@@ -384,11 +391,10 @@ class Pipeline:
                     position=envelope.position,
                     **envelope.source_fields,
                 )
-                self.counts.invalid += 1
                 letters.append((envelope, self._letter(envelope, result.reason, None)))
                 continue
             key = result.message_key
-            self._unsettled[id(envelope)] = (envelope, key)
+            unsettled[id(envelope)] = (envelope, key)
             if info:
                 received = _where(envelope)
                 received["message_key"] = key
@@ -397,7 +403,7 @@ class Pipeline:
                 if result.version is not None:
                     received["version"] = result.version
                 line(audit.MESSAGE_RECEIVED, received)
-            decision = self.router.route(result)
+            decision = route(result)
             if isinstance(decision, Ignored):
                 if info:
                     line(
@@ -409,27 +415,57 @@ class Pipeline:
                             "resource_id": result.resource_id,
                         },
                     )
-                self.counts.ignored += 1
-                self._settle(envelope)
+                ignored.append(envelope)
                 continue
             routed.append((envelope, result, decision))
+        counts.received += len(envelopes)
+        counts.invalid += len(letters)
+        counts.ignored += len(ignored)
+        if ignored:
+            self._settle_many(ignored)
         if letters:
             await self._dead_letter(letters)
         if not routed:
             return
-        self.counts.routed += len(routed)
+        counts.routed += len(routed)
         judgements = await self._with_store_retry(
             lambda: self.deduplicator.judge_many([(e, r.action is Action.DELETED) for _, e, r in routed]),
             "dedupe lookup",
         )
-        for (envelope, event, route), judgement in zip(routed, judgements, strict=True):
+        skipped: list[Envelope] = []
+        outbox_add = self.outbox.add
+        is_pending = self.outbox.is_pending
+        received_at = self._received
+        for (envelope, event, decision), judgement in zip(routed, judgements, strict=True):
             key = event.message_key
-            if judgement.verdict is Verdict.DUPLICATE:
+            verdict = judgement.verdict
+            if verdict is Verdict.NEW:
+                received_at[id(envelope)] = (now, event.changed_at)
+                duplicate_of_pending = info and is_pending(key)
+                if outbox_add(decision, event, envelope, now):
+                    counts.coalesced += 1
+                    if info:
+                        # The notification it merged into (scope, external id) is in batch.sent.
+                        line(
+                            audit.NOTIFICATION_COALESCED,
+                            {"message_key": key, "duplicate": True}
+                            if duplicate_of_pending
+                            else {"message_key": key},
+                        )
+                if decision.fallback:
+                    log.warning(
+                        audit.CONFIG_WARNING,
+                        message_key=key,
+                        resource_type=event.resource_type,
+                        reason="external id identifier missing; the resource id is used instead",
+                        external_id=decision.external_id,
+                    )
+                continue
+            if verdict is Verdict.DUPLICATE:
                 if info:
                     line(audit.MESSAGE_DUPLICATE, _with_watermark(key, judgement.watermark))
-                self.counts.duplicate += 1
-                self._settle(envelope)
-            elif judgement.verdict is Verdict.STALE:
+                counts.duplicate += 1
+            else:
                 if info:
                     line(
                         audit.MESSAGE_STALE,
@@ -441,29 +477,10 @@ class Pipeline:
                             "resource_id": event.resource_id,
                         },
                     )
-                self.counts.stale += 1
-                self._settle(envelope)
-            else:
-                self._received[id(envelope)] = (now, event.changed_at)
-                duplicate_of_pending = info and self.outbox.is_pending(key)
-                if self.outbox.add(route, event, envelope, now):
-                    self.counts.coalesced += 1
-                    if info:
-                        # The notification it merged into (scope, external id) is in batch.sent.
-                        line(
-                            audit.NOTIFICATION_COALESCED,
-                            {"message_key": key, "duplicate": True}
-                            if duplicate_of_pending
-                            else {"message_key": key},
-                        )
-                if route.fallback:
-                    log.warning(
-                        audit.CONFIG_WARNING,
-                        message_key=key,
-                        resource_type=event.resource_type,
-                        reason="external id identifier missing; the resource id is used instead",
-                        external_id=route.external_id,
-                    )
+                counts.stale += 1
+            skipped.append(envelope)
+        if skipped:
+            self._settle_many(skipped)
         self._changed.set()
 
     def _log_info(self, event: str, fields: dict[str, Any]) -> None:
@@ -471,21 +488,29 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------- settling
 
-    def _settle(self, envelope: Envelope) -> None:
-        settled = self._unsettled.pop(id(envelope), None)
-        self._received.pop(id(envelope), None)
-        if settled is None:
-            return
-        key = settled[1]
-        envelope.ack()
-        self.counts.acked += 1
-        if self._info:
-            # message.received gave the key's position; the source's own fields stay for per-partition views.
-            self._info_line(
-                audit.MESSAGE_ACKED,
-                {"message_key": key, **envelope.source_fields} if key is not None else _where(envelope),
-            )
-        self._room.set()
+    def _settle_many(self, envelopes: Iterable[Envelope]) -> None:
+        """Ack every envelope of a batch not settled yet, in one pass; wake the intake once."""
+        unsettled = self._unsettled
+        received = self._received
+        line = self._info_line if self._info else None
+        acked = 0
+        for envelope in envelopes:
+            settled = unsettled.pop(id(envelope), None)
+            received.pop(id(envelope), None)
+            if settled is None:
+                continue
+            envelope.ack()
+            acked += 1
+            if line is not None:
+                # The place as message.received gave it: with copies of one key (a redelivery), it says
+                # which copy this was.
+                fields = _where(envelope)
+                if settled[1] is not None:
+                    fields["message_key"] = settled[1]
+                line(audit.MESSAGE_ACKED, fields)
+        if acked:
+            self.counts.acked += acked
+            self._room.set()
 
     def _letter(self, envelope: Envelope, reason: str, key: str | None) -> DeadLetter:
         return DeadLetter(
@@ -514,7 +539,7 @@ class Pipeline:
                 reason=letter.reason,
                 position=envelope.position,
             )
-            self._settle(envelope)
+        self._settle_many([envelope for envelope, _ in letters])
 
     async def _with_store_retry(
         self, call: Callable[[], Awaitable[_T]], what: str, event: str = audit.STATE_RETRYING
@@ -743,7 +768,14 @@ class Pipeline:
             await self._settle_batch(half, half_response, half_id, attempt=1)
 
     async def _delivered(self, entries: list[Entry]) -> None:
-        keys = [key for entry in entries for key in entry.message_keys]
+        # Only versionless changes need their keys remembered: the watermarks cover the others.
+        keys = [
+            key
+            for entry in entries
+            if entry.versionless
+            for key, (_, rank, _) in zip(entry.message_keys, entry.changes, strict=True)
+            if rank == NO_RANK
+        ]
         ranks: dict[str, int] = {}
         for entry in entries:
             for resource, rank in entry.ranks.items():
@@ -758,9 +790,7 @@ class Pipeline:
         self._unclaim(entries)
         self.counts.notifications_sent += len(entries)
         self._observe_latency(entries)
-        for entry in entries:
-            for envelope in entry.owed:
-                self._settle(envelope)
+        self._settle_many([envelope for entry in entries for envelope in entry.owed])
         self._settle_covered(self.outbox.finish(entries, delivered=True))
 
     def _observe_latency(self, entries: list[Entry]) -> None:
@@ -893,7 +923,8 @@ class Pipeline:
                             "reason": "covered by a delivered notification",
                         },
                     )
-            self._settle(change.owed)
+        if covered:
+            self._settle_many([change.owed for change in covered])
 
     def _claims_ending(self, entries: list[Entry]) -> list[str]:
         """Return the resources whose claim ends when these entries land (no other entry in flight holds

@@ -76,6 +76,10 @@ class SqliteConnection:
                     raise
         return await self._on_its_thread(fn)
 
+    async def run_on_thread(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run a longer function (a scan) on the connection's thread, so the loop does not wait for it."""
+        return await self._on_its_thread(fn)
+
     async def _on_its_thread(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         self._on_thread += 1
         self.calls_on_thread += 1

@@ -2,18 +2,17 @@
 ``backfill``, ``reconcile``): build it, serve it until its source ends or a signal stops it, log its start and
 stop, and turn what went wrong into an exit code.
 
-Signals: the first SIGTERM/SIGINT asks the pipeline to drain and hand back the rest; a second stops waiting.
+The collector runs under ``consumer.collector``'s regime. Signals: the first SIGTERM/SIGINT asks the
+pipeline to drain and hand back the rest; a second stops waiting.
 Every error echoed on the terminal goes through the audit redactor first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,42 +21,12 @@ import click
 from consumer import audit
 from consumer.cli import wiring
 from consumer.cli.startup import EXIT_FAILURE, EXIT_OK, config_failure, describe_error
+from consumer.collector import garbage_collected
 from consumer.config import Settings
 from consumer.pipeline import Pipeline, SinkUnusable
 from consumer.ports import Sink, Source, StateStore, ThrottleStore
 from consumer.routing import ScopeMapError
 from consumer.throttle import ThrottleLimits
-
-# With CPython's default thresholds (700, 10, 10) the collector ran so often over the envelopes in flight
-# that it took about 40 % of the time per payload (bench/pipeline.py). The core makes no reference cycles,
-# but httpx leaves one per hook request (a response and its stream), holding the request body: so automatic
-# collections are made rare, and a full collection runs on a clock instead, which bounds that garbage by
-# time (at most one interval's requests) rather than by allocation counts.
-GC_THRESHOLDS = (50_000, 50, 1_000)
-GC_INTERVAL_SECONDS = 1.0
-
-
-@asynccontextmanager
-async def garbage_collected_on_a_clock(interval: float = GC_INTERVAL_SECONDS) -> AsyncIterator[None]:
-    """Within the block: start-up objects are frozen out of collections, automatic collections are rare,
-    and a full collection runs every ``interval`` seconds. The collector's settings are restored after."""
-    previous = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    collector = asyncio.create_task(_collect_every(interval), name="ctsync-gc")
-    try:
-        yield
-    finally:
-        collector.cancel()
-        gc.set_threshold(*previous)
-        gc.unfreeze()
-
-
-async def _collect_every(interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        gc.collect()
 
 
 class SignalStop:
@@ -188,7 +157,7 @@ async def run_app(
     signals = SignalStop(pipeline)
     try:
         with signals:
-            async with garbage_collected_on_a_clock(), wiring.state_probed(built, enabled=probe_state):
+            async with garbage_collected(), wiring.state_probed(built, enabled=probe_state):
                 await pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)

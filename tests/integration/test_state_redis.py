@@ -30,6 +30,10 @@ def updated(version: int, resource_id: str = "p1") -> ChangeEvent:
     return ChangeEvent(NotificationType.RESOURCE_UPDATED, "product", resource_id, version=version)
 
 
+def versionless(resource_id: str = "p3") -> ChangeEvent:
+    return ChangeEvent(NotificationType.MESSAGE, "product", resource_id, message_id=f"m-{resource_id}")
+
+
 def make_store(url: str, prefix: str, **timeouts: float) -> RedisStateStore:
     return RedisStateStore(redis_client(url, **timeouts), prefix, url=url)
 
@@ -72,10 +76,19 @@ async def test_delivered_keys_and_watermarks(store: RedisStateStore) -> None:
     verdicts = await dedupe.judge_many(
         [(updated(3), False), (updated(2), False), (updated(4), False), (updated(1, "p2"), False)]
     )
-    assert [j.verdict for j in verdicts] == [Verdict.DUPLICATE, Verdict.STALE, Verdict.NEW, Verdict.NEW]
+    # A versioned change is judged by its watermark alone: its own redelivery is stale, like older ones.
+    assert (
+        verdicts == [Judgement(Verdict.STALE, 3), Judgement(Verdict.STALE, 3)] + [Judgement(Verdict.NEW)] * 2
+    )
+    # A change without a version is known by its key.
+    await dedupe.record_delivered([versionless().message_key], {})
+    assert await dedupe.judge_many([(versionless(), False), (versionless("p4"), False)]) == [
+        Judgement(Verdict.DUPLICATE),
+        Judgement(Verdict.NEW),
+    ]
     # Watermarks only move up.
     await dedupe.record_delivered([], {"product:p1": version_rank(2, False)})
-    assert (await dedupe.judge_many([(updated(3), False)]))[0].verdict is Verdict.DUPLICATE
+    assert (await dedupe.judge_many([(updated(3), False)]))[0].verdict is Verdict.STALE
     view = await store.lookup([], ["product:p1"])
     assert view.watermarks == {"product:p1": version_rank(3, False)}
     await dedupe.record_delivered([], {"product:p1": version_rank(9, True)})

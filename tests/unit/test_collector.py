@@ -1,11 +1,16 @@
-"""The service's collector regime: rare automatic collections, a full one on a clock, settings restored."""
+"""The service's collector regime: young garbage collected on the tick, the old generation left alone while
+nothing is promoted into it, settings restored."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
+from consumer import collector
 from consumer.cli import lifecycle
 
 
@@ -14,18 +19,66 @@ class Node:
         self.me = self  # a reference cycle: only the collector frees it
 
 
-async def test_cycles_are_collected_on_the_clock_and_settings_restored() -> None:
+@contextmanager
+def collections_seen() -> Iterator[list[int]]:
+    """Record the generation of every collection that runs within the block."""
+    seen: list[int] = []
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(record)
+
+
+async def test_cycles_are_collected_on_the_tick_and_settings_restored() -> None:
     before = gc.get_threshold()
-    async with lifecycle.garbage_collected_on_a_clock(interval=0.05):
-        assert gc.get_threshold() == lifecycle.GC_THRESHOLDS
+    async with collector.garbage_collected(interval=0.05):
+        assert gc.get_threshold() == collector.THRESHOLDS
         assert gc.get_freeze_count() > 0
         node = Node()
         gone = weakref.ref(node)
         del node
-        for _ in range(100):  # poll with a deadline: the clock collects within a few intervals
+        for _ in range(100):  # poll with a deadline: the tick collects within a few intervals
             if gone() is None:
                 break
             await asyncio.sleep(0.05)
         assert gone() is None
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+async def test_every_command_runs_under_the_regime() -> None:
+    assert lifecycle.garbage_collected is collector.garbage_collected
+
+
+async def test_an_idle_service_never_walks_what_is_in_flight() -> None:
+    async with collector.garbage_collected(interval=0.02):
+        # Long-lived objects, like envelopes waiting for the throttle budget, promoted to the old generation.
+        in_flight = [{"body": i} for i in range(50_000)]
+        gc.collect(1)
+        with collections_seen() as seen:
+            for _ in range(20):
+                await asyncio.sleep(0.02)
+        assert 2 not in seen
+        del in_flight
+
+
+def test_collect_young_skips_when_nothing_was_allocated_and_runs_when_something_was() -> None:
+    before = gc.get_threshold()
+    gc.disable()
+    try:
+        with collections_seen() as seen:
+            gc.collect(1)
+            assert collector.collect_young() is False
+            garbage = [[i] for i in range(100)]
+            assert collector.collect_young() is True
+            del garbage
+        assert seen == [1, 1]
+    finally:
+        gc.enable()
+        gc.set_threshold(*before)

@@ -99,3 +99,44 @@ def test_never_commits_past_an_unacked_offset(gaps: list[int], rand: object) -> 
             assert not unacked or commit <= min(unacked)
         assert offsets.outstanding == len(received) - len(acked)
     assert offsets.committable() in (None, received[-1] + 1)
+
+
+def test_a_fetched_run_must_be_ascending_and_above_what_came_before() -> None:
+    offsets = PartitionOffsets()
+    offsets.received_many([2, 3, 7])
+    offsets.received_many([])
+    for bad in ([7, 8], [9, 9], [10, 9]):
+        try:
+            offsets.received_many(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} was accepted")
+    assert offsets.outstanding == 3
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=20), min_size=1, max_size=8),
+    st.randoms(use_true_random=False),
+)
+def test_fetched_runs_settle_like_single_offsets(runs: list[list[int]], rand: object) -> None:
+    import random
+
+    assert isinstance(rand, random.Random)
+    one_by_one, by_run = PartitionOffsets(), PartitionOffsets()
+    received, position = [], 0
+    for gaps in runs:
+        run = []
+        for gap in gaps:
+            position += gap + 1
+            run.append(position)
+        by_run.received_many(run)
+        for offset in run:
+            one_by_one.received(offset)
+        received += run
+    order = received[:]
+    rand.shuffle(order)
+    for offset in order:
+        one_by_one.acked(offset)
+        by_run.acked(offset)
+        assert one_by_one.committable() == by_run.committable()
+        assert one_by_one.outstanding == by_run.outstanding

@@ -328,7 +328,10 @@ async def _crash_then_restart(
     sizes=sizes,
     pauses=pauses,
     hook=hooks,
-    rng=st.randoms(use_true_random=False),
+    # A seed, not st.randoms(): how many envelopes the crash leaves to shuffle depends on timing, and a
+    # Hypothesis random draws once per use, so its draws would differ between replays of one example
+    # (FlakyStrategyDefinition on a loaded machine).
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_a_crash_between_the_hooks_answer_and_the_record_repeats_at_most_that_notification(
     order: list[tuple[int, int, str]],
@@ -336,9 +339,10 @@ def test_a_crash_between_the_hooks_answer_and_the_record_repeats_at_most_that_no
     sizes: list[int],
     pauses: list[float],
     hook: FlakyHook,
-    rng: random.Random,
+    seed: int,
 ) -> None:
     bodies = [payload(*change) for change in order]
+    rng = random.Random(seed)
     first, second, log, dead = asyncio.run(_crash_then_restart(bodies, crash_at, sizes, pauses, hook, rng))
     # Every envelope settled exactly once over both runs.
     assert sorted(first.acked) == sorted(set(first.acked))
