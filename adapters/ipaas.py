@@ -1,6 +1,7 @@
-"""The iPaaS.com hook client: ``HttpHookSink`` POSTs one batch of notifications per call; ``DryRunSink`` logs.
+"""The iPaaS.com hook client: ``HttpHookSink`` POSTs one batch of notifications per call (a dry run's sink is
+``consumer.dry_run.DryRunSink``).
 
-Both implement ``consumer.ports.Sink``. The HTTP sink makes exactly one attempt per ``send`` and reports
+It implements ``consumer.ports.Sink`` and makes exactly one attempt per ``send`` and reports
 what came of it as a ``HookResponse``; retries, batch splitting and throttling belong to the core, which
 counts every attempt against the subscription's throttle. Transport failures (timeouts, refused or dropped
 connections) are reported with ``status=None``, never raised. The webhook key is sent only in the
@@ -19,7 +20,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -180,26 +181,6 @@ class HttpHookSink:
 
     def __repr__(self) -> str:
         return f"HttpHookSink(url={str(self._url)!r}, max_connections={self._max_connections})"
-
-
-class DryRunSink:
-    """Send nothing: pass each batch to ``log`` and answer as if iPaaS.com had accepted it."""
-
-    def __init__(self, log: Callable[..., None] | None = None) -> None:
-        self._log = log
-
-    async def send(self, notifications: Sequence[Notification], correlation_id: str) -> HookResponse:
-        """Log the batch that would have been sent and report a 200."""
-        if self._log is not None:
-            self._log(notifications=[n.as_json() for n in notifications], correlation_id=correlation_id)
-        return HookResponse(status=200, detail="dry-run")
-
-    async def close(self) -> None:
-        """Nothing to close."""
-        return None
-
-    def __repr__(self) -> str:
-        return "DryRunSink()"
 
 
 @dataclass(frozen=True, slots=True)
