@@ -1,7 +1,7 @@
 """The iPaaS.com hook client: ``HttpHookSink`` POSTs one batch of notifications per call (a dry run's sink is
 ``consumer.dry_run.DryRunSink``).
 
-It implements ``consumer.ports.Sink`` and makes exactly one attempt per ``send`` and reports
+It implements ``consumer.ports.Sink``, makes exactly one attempt per ``send`` and reports
 what came of it as a ``HookResponse``; retries, batch splitting and throttling belong to the core, which
 counts every attempt against the subscription's throttle. Transport failures (timeouts, refused or dropped
 connections) are reported with ``status=None``, never raised. The webhook key is sent only in the
