@@ -76,6 +76,19 @@ class SignalStop:
         return signal.Signals(self.seen[0]).name if self.seen else None
 
 
+def _moved(pipeline: Pipeline) -> Callable[[], bool]:
+    """Whether the pipeline took in or settled anything since the last call (the collector's ``busy``)."""
+    last = [-1]
+
+    def moved() -> bool:
+        counts = pipeline.counts
+        now = counts.received + counts.acked + counts.requests
+        changed, last[0] = now != last[0], now
+        return changed
+
+    return moved
+
+
 def first_error(exc: BaseException) -> BaseException:
     """The first leaf of an exception group (a task group's failure), or ``exc`` itself."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -157,7 +170,10 @@ async def run_app(
     signals = SignalStop(pipeline)
     try:
         with signals:
-            async with garbage_collected(), wiring.state_probed(built, enabled=probe_state):
+            async with (
+                garbage_collected(busy=_moved(pipeline)),
+                wiring.state_probed(built, enabled=probe_state),
+            ):
                 await pipeline.run(signals.stop)
     except SinkUnusable as exc:
         code, error = EXIT_FAILURE, str(exc)

@@ -56,6 +56,15 @@ def test_readyz_is_not_ready_from_the_start_while_redis_is_down(
         first = readyz(f"http://{listen}", time.monotonic() + 30)
         assert first.status_code == 503, first.text
         assert any(p.startswith("state store") for p in first.json()["problems"]), first.text
+        # Redis comes back only once the probe found it down (not merely "not checked yet"): on a loaded
+        # machine the probe's first look could otherwise come after the restart, and find nothing to recover.
+        deadline = time.monotonic() + 30
+        while not any(
+            p.startswith("state store") and "not checked yet" not in p
+            for p in httpx.get(f"http://{listen}/readyz", timeout=2).json()["problems"]
+        ):
+            assert service.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
         redis.start()
         deadline = time.monotonic() + 40
         while (answer := httpx.get(f"http://{listen}/readyz", timeout=2)).status_code != 200:

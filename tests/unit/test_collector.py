@@ -68,6 +68,20 @@ async def test_an_idle_service_never_walks_what_is_in_flight() -> None:
         del in_flight
 
 
+async def test_a_busy_service_collects_the_old_generation_on_its_clock_an_idle_one_does_not() -> None:
+    moving = [True]
+    async with collector.garbage_collected(interval=0.02, busy=lambda: moving[0], full_interval=0.04):
+        with collections_seen() as seen:
+            for _ in range(10):
+                await asyncio.sleep(0.02)
+        assert 2 in seen
+        moving[0] = False
+        with collections_seen() as seen:
+            for _ in range(10):
+                await asyncio.sleep(0.02)
+        assert 2 not in seen
+
+
 def test_collect_young_skips_when_nothing_was_allocated_and_runs_when_something_was() -> None:
     before = gc.get_threshold()
     gc.disable()
