@@ -488,15 +488,28 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------- settling
 
-    def _settle_many(self, envelopes: Iterable[Envelope]) -> None:
-        """Ack every envelope of a batch not settled yet, in one pass; wake the intake once."""
+    def _settle_many(self, envelopes: Iterable[Envelope], *, delivered: bool = False) -> None:
+        """Ack every envelope of a batch not settled yet, in one pass; wake the intake once.
+
+        ``delivered``: their notification was accepted just now, so each one's end-to-end latencies are
+        observed in the same pass.
+        """
         unsettled = self._unsettled
         received = self._received
         line = self._info_line if self._info else None
+        if delivered:
+            now, wall = self.clock(), self.wall_clock()
+            delivery, change = self.delivery_latency.observe, self.change_latency.observe
         acked = 0
         for envelope in envelopes:
             settled = unsettled.pop(id(envelope), None)
-            received.pop(id(envelope), None)
+            mark = received.pop(id(envelope), None)
+            if delivered and mark is not None:
+                delivery(max(now - mark[0], 0.0))
+                changed = epoch_seconds(mark[1]) if mark[1] is not None else None
+                if changed is not None:
+                    # Clocks differ between commercetools and here: a change "from the future" counts as 0.
+                    change(max(wall - changed, 0.0))
             if settled is None:
                 continue
             envelope.ack()
@@ -787,25 +800,10 @@ class Pipeline:
             lambda: self.deduplicator.record_delivered(keys, ranks, holder=self.holder, release=ending),
             "state write",
         )
-        self._unclaim(entries)
+        self._forget_claims(entries)
         self.counts.notifications_sent += len(entries)
-        self._observe_latency(entries)
-        self._settle_many([envelope for entry in entries for envelope in entry.owed])
+        self._settle_many([envelope for entry in entries for envelope in entry.owed], delivered=True)
         self._settle_covered(self.outbox.finish(entries, delivered=True))
-
-    def _observe_latency(self, entries: list[Entry]) -> None:
-        now, wall = self.clock(), self.wall_clock()
-        received = self._received
-        for entry in entries:
-            for envelope in entry.owed:
-                mark = received.get(id(envelope))
-                if mark is None:
-                    continue
-                self.delivery_latency.observe(max(now - mark[0], 0.0))
-                changed = epoch_seconds(mark[1]) if mark[1] is not None else None
-                if changed is not None:
-                    # Clocks differ between commercetools and here: a change "from the future" counts as 0.
-                    self.change_latency.observe(max(wall - changed, 0.0))
 
     # ------------------------------------------------------------------------------------------- claims
 
@@ -938,6 +936,10 @@ class Pipeline:
     def _unclaim(self, entries: list[Entry]) -> list[str]:
         """Forget the claims these entries held; return the resources no entry in flight holds any more."""
         ended = self._claims_ending(entries)
+        self._forget_claims(entries)
+        return ended
+
+    def _forget_claims(self, entries: list[Entry]) -> None:
         for entry in entries:
             for resource in entry.ranks:
                 left = self._claims.get(resource, 0) - 1
@@ -945,7 +947,6 @@ class Pipeline:
                     self._claims[resource] = left
                 else:
                     self._claims.pop(resource, None)
-        return ended
 
     async def _release_claims(
         self, resources: set[str] | list[str], withdrawn: dict[str, int] | None = None
