@@ -50,15 +50,20 @@ def remembers_key(event: ChangeEvent) -> bool:
     return event.version is None
 
 
+# Judgements without a watermark are the same value every time (they are frozen): one of each.
+_NEW = Judgement(Verdict.NEW)
+_DUPLICATE = Judgement(Verdict.DUPLICATE)
+
+
 def judge(event: ChangeEvent, deleted: bool, view: StateView) -> Judgement:
     """Judge one event against the delivered state; pure."""
     if event.message_key in view.delivered_keys:
-        return Judgement(Verdict.DUPLICATE)
+        return _DUPLICATE
     if event.version is not None:
         watermark = view.watermarks.get(event.resource_key)
         if watermark is not None and version_rank(event.version, deleted) <= watermark:
             return Judgement(Verdict.STALE, rank_version(watermark))
-    return Judgement(Verdict.NEW)
+    return _NEW
 
 
 class Deduplicator:
