@@ -107,6 +107,8 @@ def _keyed(resources: Iterable[str]) -> str:
 
 # The resources of a JSON object parameter (its keys), for ``resource IN``.
 _GIVEN = "(SELECT key FROM json_each(?))"
+# End ``holder``'s claims on the resources of a JSON object, keeping the rows (and their attempts).
+_UNCLAIM = f"UPDATE claims SET holder = NULL, expires = 0 WHERE holder = ? AND resource IN {_GIVEN}"
 
 
 class UnusableStateFile(ValueError):
@@ -219,7 +221,6 @@ class SqliteStateStore:
         withdrawals = [(resource, rank, holder) for resource, rank in (withdrawn or {}).items()]
         if not count and not withdrawals:
             return
-        now = self._clock()
 
         def release(db: sqlite3.Connection) -> None:
             db.execute("BEGIN")
@@ -231,7 +232,9 @@ class SqliteStateStore:
                     withdrawals,
                 )
                 if count:
-                    _end_claims(db, holder, resources, count, now)
+                    # Only the claims end: a row's attempt may be live, and looking costs more than leaving
+                    # the rows without one to the purge (a released claim counts as none).
+                    db.execute(_UNCLAIM, (holder, resources))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -397,9 +400,5 @@ def _end_claims(db: sqlite3.Connection, holder: str, resources: str, count: int,
         (holder, resources, now),
     ).rowcount
     if deleted < count:
-        db.execute(
-            "UPDATE claims SET holder = NULL, expires = 0"
-            " WHERE holder = ?1 AND resource IN (SELECT key FROM json_each(?2))",
-            (holder, resources),
-        )
+        db.execute(_UNCLAIM, (holder, resources))
     return deleted

@@ -91,7 +91,8 @@ async def test_a_file_of_the_earlier_schema_keeps_its_claims_and_attempts(tmp_pa
         # p1: claimed by "old" with an attempt; p2: an attempt whose claim was released; p3: a claim only;
         # p4: an attempt that expired.
         "INSERT INTO claims VALUES ('product:p1', 'old', 1030), ('product:p3', 'old', 1030);"
-        "INSERT INTO attempts VALUES ('product:p1', 7, 1300), ('product:p2', 9, 1300), ('product:p4', 5, 999);"
+        "INSERT INTO attempts VALUES ('product:p1', 7, 1300), ('product:p2', 9, 1300),"
+        " ('product:p4', 5, 999);"
     )
     old.close()
     now = [1000.0]
