@@ -49,7 +49,9 @@ DROP INDEX IF EXISTS watermarks_expires;
 # (``executemany``), and needs no chunking under the host parameter limit.
 
 # Files written before claims and attempts shared a table: (resource, holder, expires) claims and an
-# ``attempts`` table. Their rows move into the merged table, attempts without a claim as unclaimed rows.
+# ``attempts`` table. Their rows move into the merged table, attempts without a claim as unclaimed rows. A
+# process of the earlier version still writing the file afterwards fails loudly (no ``attempts`` table, or a
+# ``claims`` table of five columns) rather than claiming beside the new one unseen.
 _MIGRATE_CLAIMS = """
 CREATE TABLE IF NOT EXISTS attempts (
     resource TEXT PRIMARY KEY, rank INTEGER NOT NULL, expires REAL NOT NULL
@@ -296,15 +298,16 @@ class SqliteStateStore:
                         "INSERT OR REPLACE INTO delivered_keys SELECT value, ? FROM json_each(?)",
                         (expires, keys),
                     )
-                # An expired watermark no longer counts, so the new rank replaces it rather than competing.
-                # (WHERE true: without it SQLite would read ON CONFLICT as part of the SELECT's join.)
-                db.execute(
-                    "INSERT INTO watermarks SELECT key, value, ?1 FROM json_each(?2) WHERE true"
-                    " ON CONFLICT (resource) DO UPDATE SET"
-                    " rank = CASE WHEN expires > ?3 THEN max(rank, excluded.rank) ELSE excluded.rank END,"
-                    " expires = excluded.expires",
-                    (expires, marks, now),
-                )
+                if watermarks:
+                    # An expired watermark no longer counts: the new rank replaces it rather than competing.
+                    # (WHERE true: without it SQLite would read ON CONFLICT as part of the SELECT's join.)
+                    db.execute(
+                        "INSERT INTO watermarks SELECT key, value, ?1 FROM json_each(?2) WHERE true"
+                        " ON CONFLICT (resource) DO UPDATE SET"
+                        " rank = CASE WHEN expires > ?3 THEN max(rank, excluded.rank) ELSE excluded.rank END,"
+                        " expires = excluded.expires",
+                        (expires, marks, now),
+                    )
                 ended = _end_claims(db, holder, released, count, now) if count else 0
                 if unreleased or ended < count:
                     # An attempt at or below the resource's watermark was confirmed: forget it, whoever holds
