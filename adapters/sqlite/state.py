@@ -107,7 +107,9 @@ def _keyed(resources: Iterable[str]) -> str:
     return _json(dict.fromkeys(resources, 0))
 
 
-# The resources of a JSON object parameter (its keys), for ``resource IN``.
+# The resources of a JSON object parameter (its keys), for ``resource IN``. (A read joins ``json_each`` to
+# the table instead: about a tenth cheaper than the IN list, which SQLite first copies into a temporary
+# b-tree.)
 _GIVEN = "(SELECT key FROM json_each(?))"
 # End ``holder``'s claims on the resources of a JSON object, keeping the rows (and their attempts).
 _UNCLAIM = f"UPDATE claims SET holder = NULL, expires = 0 WHERE holder = ? AND resource IN {_GIVEN}"
@@ -363,8 +365,8 @@ def _read(db: sqlite3.Connection, keys: Sequence[str], resources: str, now: floa
         delivered = frozenset(row[0] for row in rows)
     watermarks = dict(
         db.execute(
-            f"SELECT resource, rank FROM watermarks WHERE expires > ? AND resource IN {_GIVEN}",
-            (now, resources),
+            "SELECT resource, rank FROM json_each(?) JOIN watermarks ON resource = key WHERE expires > ?",
+            (resources, now),
         )
     )
     return StateView(delivered, watermarks)
@@ -374,7 +376,8 @@ def _claims_of(db: sqlite3.Connection, resources: str, now: float) -> dict[str, 
     """Each resource's live holder (None: unclaimed) and live attempt (-1: none), where it has a row."""
     rows = db.execute(
         "SELECT resource, CASE WHEN expires > ?1 THEN holder END,"
-        f" CASE WHEN attempt_expires > ?1 THEN attempt ELSE -1 END FROM claims WHERE resource IN {_GIVEN}",
+        " CASE WHEN attempt_expires > ?1 THEN attempt ELSE -1 END"
+        " FROM json_each(?2) JOIN claims ON resource = key",
         (now, resources),
     )
     return {resource: (owner, attempt) for resource, owner, attempt in rows}
