@@ -26,7 +26,8 @@ def _locked(error: sqlite3.OperationalError) -> bool:
 
 
 class SqliteConnection:
-    """Run functions of a connection to ``path`` (WAL mode, ``schema`` applied on first use).
+    """Run functions of a connection to ``path`` (WAL mode, ``schema`` applied on first use: a script, or a
+    function that creates or migrates the tables in transactions of its own).
 
     Every function must be safe to run again after it raised: it is retried on the thread when the
     database was locked.
@@ -35,7 +36,7 @@ class SqliteConnection:
     def __init__(
         self,
         path: Path,
-        schema: str,
+        schema: str | Callable[[sqlite3.Connection], None],
         *,
         name: str,
         busy_timeout: float = 5.0,
@@ -60,7 +61,13 @@ class SqliteConnection:
             db.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints run on the thread (see ``run``), never inside a commit on the loop.
             db.execute("PRAGMA wal_autocheckpoint=0")
-            db.executescript(self.schema)
+            # A migration takes the write lock: wait for another process's transaction rather than fail.
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if isinstance(self.schema, str):
+                db.executescript(self.schema)
+            else:
+                self.schema(db)
+            db.execute("PRAGMA busy_timeout = 0")
             self._db = db
         return self._db
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
+
+import orjson
 
 from adapters.sqlite.connection import SqliteConnection
 from consumer.ports import Claim, StateView
 
 _T = TypeVar("_T")
 
-# SQLite's default limit on host parameters in one statement is 32766 on current builds, 999 on old ones.
-_CHUNK = 900
 # Expired rows are deleted at most this often; lookups ignore them in between.
 _PURGE_EVERY_SECONDS = 600.0
 
@@ -31,25 +31,92 @@ CREATE TABLE IF NOT EXISTS watermarks (
     resource TEXT PRIMARY KEY, rank INTEGER NOT NULL, expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS claims (
-    resource TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS attempts (
-    resource TEXT PRIMARY KEY, rank INTEGER NOT NULL, expires REAL NOT NULL
+    resource TEXT PRIMARY KEY, holder TEXT, expires REAL NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT -1, attempt_expires REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 DROP INDEX IF EXISTS delivered_keys_expires;
 DROP INDEX IF EXISTS watermarks_expires;
 """
 # No index on ``expires``: keeping one up to date cost about 1 µs per watermark written, for a purge that runs
 # every ten minutes. The purge scans instead, on the connection's thread, so the loop never waits for it.
+#
+# A resource's claim and its unconfirmed attempt share one row of ``claims``, so claiming reads and writes one
+# row per resource and a delivery deletes it. The claim is ``holder`` until ``expires`` (a NULL holder: no
+# claim, the row kept only for its attempt); the attempt is ``attempt`` until ``attempt_expires``.
+#
+# Batches go to SQLite as one JSON parameter read by ``json_each``: binding one string and letting SQLite
+# walk it costs less than binding a parameter per resource (``IN (?, ?, ...)``) or a statement per row
+# (``executemany``), and needs no chunking under the host parameter limit.
+
+# Files written before claims and attempts shared a table: (resource, holder, expires) claims and an
+# ``attempts`` table. Their rows move into the merged table, attempts without a claim as unclaimed rows. A
+# process of the earlier version still writing the file afterwards fails loudly (no ``attempts`` table, or a
+# ``claims`` table of five columns) rather than claiming beside the new one unseen.
+_MIGRATE_CLAIMS = """
+CREATE TABLE IF NOT EXISTS attempts (
+    resource TEXT PRIMARY KEY, rank INTEGER NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE claims_merged (
+    resource TEXT PRIMARY KEY, holder TEXT, expires REAL NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT -1, attempt_expires REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO claims_merged
+    SELECT c.resource, c.holder, c.expires, coalesce(a.rank, -1), coalesce(a.expires, 0)
+    FROM claims AS c LEFT JOIN attempts AS a USING (resource);
+INSERT INTO claims_merged
+    SELECT resource, NULL, 0, rank, expires FROM attempts WHERE resource NOT IN (SELECT resource FROM claims);
+DROP TABLE claims;
+DROP TABLE attempts;
+ALTER TABLE claims_merged RENAME TO claims;
+"""
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """Create the tables, or migrate a file of an earlier version (in one transaction, so a process that
+    dies midway leaves the old tables whole)."""
+    if not _needs_migration(db):
+        db.executescript(_SCHEMA)
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have migrated it between the look and the lock.
+        if _needs_migration(db):
+            for statement in _MIGRATE_CLAIMS.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    db.executescript(_SCHEMA)
+
+
+def _needs_migration(db: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(claims)")}
+    return bool(columns) and "attempt" not in columns
+
+
+def _json(items: object) -> str:
+    return orjson.dumps(items).decode()
+
+
+def _keyed(resources: Iterable[str]) -> str:
+    """A JSON object keyed by these resources: what the statements below read with ``json_each``'s key."""
+    return _json(dict.fromkeys(resources, 0))
+
+
+# The resources of a JSON object parameter (its keys), for ``resource IN``. (A read joins ``json_each`` to
+# the table instead: about a tenth cheaper than the IN list, which SQLite first copies into a temporary
+# b-tree.)
+_GIVEN = "(SELECT key FROM json_each(?))"
+# End ``holder``'s claims on the resources of a JSON object, keeping the rows (and their attempts).
+_UNCLAIM = f"UPDATE claims SET holder = NULL, expires = 0 WHERE holder = ? AND resource IN {_GIVEN}"
 
 
 class UnusableStateFile(ValueError):
     """The state file exists but is not a SQLite database (or is one this store cannot read)."""
-
-
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 class SqliteStateStore:
@@ -58,7 +125,7 @@ class SqliteStateStore:
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._sqlite = SqliteConnection(self.path, _SCHEMA, name="ctsync-sqlite", busy_timeout=5.0)
+        self._sqlite = SqliteConnection(self.path, _prepare, name="ctsync-sqlite", busy_timeout=5.0)
         self._last_purge = 0.0
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -82,7 +149,8 @@ class SqliteStateStore:
             raise
 
     async def lookup(self, message_keys: Collection[str], resource_keys: Collection[str]) -> StateView:
-        keys, resources = list(message_keys), list(resource_keys)
+        keys = list(message_keys)
+        resources = _keyed(resource_keys)
         now = self._clock()
         return await self._run(lambda db: _read(db, keys, resources, now))
 
@@ -94,28 +162,53 @@ class SqliteStateStore:
         lease_seconds: float,
         attempt_seconds: float,
     ) -> Claim:
-        keys, resources = list(message_keys), list(ranks)
+        keys = list(message_keys)
+        # The resources as a JSON object of their ranks: ``json_each`` reads its keys, and its values too
+        # when every rank raises an attempt.
+        batch = _json(ranks)
         now = self._clock()
 
         def claim(db: sqlite3.Connection) -> Claim:
             # IMMEDIATE: another process sharing the file cannot claim between our read and our write.
             db.execute("BEGIN IMMEDIATE")
             try:
-                refused = _take(db, holder, resources, now, now + lease_seconds)
-                granted = [r for r in resources if r not in refused]
-                view = _read(db, keys, granted, now)
-                earlier = _select(db, "SELECT resource, rank FROM attempts", granted, now)
+                claims = _claims_of(db, batch, now)
+                refused = frozenset(
+                    r for r, (owner, _) in claims.items() if owner is not None and owner != holder
+                )
+                view = _read(db, keys, batch, now)
+                marks = view.watermarks
+                if refused:
+                    marks = {r: rank for r, rank in marks.items() if r not in refused}
+                    view = StateView(view.delivered_keys, marks)
                 attempts: dict[str, int] = {}
-                raised: list[tuple[str, int, float]] = []
-                for resource in granted:
-                    watermark = view.watermarks.get(resource, -1)
-                    previous = earlier.get(resource, -1)
+                raised: dict[str, int] = {}
+                kept: list[str] = []
+                for resource, rank in ranks.items():
+                    if resource in refused:
+                        continue
+                    watermark = marks.get(resource, -1)
+                    previous = claims[resource][1] if resource in claims else -1
                     if previous > watermark:
                         attempts[resource] = previous
                     # Only a higher attempt is written: one that waits behind must not keep it alive.
-                    if ranks[resource] > max(watermark, previous):
-                        raised.append((resource, ranks[resource], now + attempt_seconds))
-                db.executemany("INSERT OR REPLACE INTO attempts VALUES (?, ?, ?)", raised)
+                    if rank > watermark and rank > previous:
+                        raised[resource] = rank
+                    else:
+                        kept.append(resource)
+                if raised:
+                    # The whole row: the claim, and the new attempt in place of any earlier one.
+                    db.execute(
+                        "INSERT OR REPLACE INTO claims SELECT key, ?, ?, value, ? FROM json_each(?)",
+                        (
+                            holder,
+                            now + lease_seconds,
+                            now + attempt_seconds,
+                            batch if len(raised) == len(ranks) else _json(raised),
+                        ),
+                    )
+                if kept:
+                    _hold(db, holder, _keyed(kept), now + lease_seconds)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -127,23 +220,49 @@ class SqliteStateStore:
     async def release_claims(
         self, holder: str, resource_keys: Collection[str], withdrawn: Mapping[str, int] | None = None
     ) -> None:
-        rows = [(resource, holder) for resource in resource_keys]
+        resources = _keyed(resource_keys)
+        count = len(resource_keys)
         withdrawals = [(resource, rank, holder) for resource, rank in (withdrawn or {}).items()]
-        if rows or withdrawals:
-            await self._run(lambda db: _release(db, rows, withdrawals))
+        if not count and not withdrawals:
+            return
+
+        def release(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            try:
+                # An attempt is withdrawn only by the holder that made it, while it still holds the claim.
+                db.executemany(
+                    "UPDATE claims SET attempt = -1, attempt_expires = 0"
+                    " WHERE resource = ? AND attempt = ? AND holder = ?",
+                    withdrawals,
+                )
+                if count:
+                    # Only the claims end: a row's attempt may be live, and looking costs more than leaving
+                    # the rows without one to the purge (a released claim counts as none).
+                    db.execute(_UNCLAIM, (holder, resources))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(release)
 
     async def extend_claims(
         self, holder: str, resource_keys: Collection[str], lease_seconds: float
     ) -> frozenset[str]:
-        resources = list(resource_keys)
-        if not resources:
+        if not resource_keys:
             return frozenset()
+        resources = _keyed(resource_keys)
         now = self._clock()
 
         def extend(db: sqlite3.Connection) -> frozenset[str]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                lost = _take(db, holder, resources, now, now + lease_seconds)
+                claims = _claims_of(db, resources, now)
+                lost = frozenset(
+                    r for r, (owner, _) in claims.items() if owner is not None and owner != holder
+                )
+                kept = _keyed(r for r in resource_keys if r not in lost) if lost else resources
+                _hold(db, holder, kept, now + lease_seconds)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -163,9 +282,12 @@ class SqliteStateStore:
     ) -> None:
         now = self._clock()
         expires = now + ttl_seconds
-        key_rows = [(key, expires) for key in message_keys]
-        mark_rows = [(resource, rank, expires, now) for resource, rank in watermarks.items()]
-        released = list(release)
+        keys = _json(list(message_keys)) if message_keys else None
+        marks = _json(watermarks)
+        released = _keyed(release)
+        count = len(release)
+        # Resources whose attempts may need forgetting apart from the released claims' rows (rarely any).
+        unreleased = bool(watermarks) and (count < len(watermarks) or not set(release).issuperset(watermarks))
         purge = now - self._last_purge > _PURGE_EVERY_SECONDS
         if purge:
             self._last_purge = now
@@ -173,26 +295,30 @@ class SqliteStateStore:
         def write(db: sqlite3.Connection) -> None:
             db.execute("BEGIN")
             try:
-                db.executemany("INSERT OR REPLACE INTO delivered_keys VALUES (?, ?)", key_rows)
-                # An expired watermark no longer counts, so the new rank replaces it rather than competing.
-                db.executemany(
-                    "INSERT INTO watermarks VALUES (?1, ?2, ?3) ON CONFLICT (resource) DO UPDATE SET"
-                    " rank = CASE WHEN expires > ?4 THEN max(rank, excluded.rank) ELSE excluded.rank END,"
-                    " expires = excluded.expires",
-                    mark_rows,
-                )
-                for chunk in _chunks(released):
-                    marks = ",".join("?" * len(chunk))
+                if keys is not None:
                     db.execute(
-                        f"DELETE FROM claims WHERE holder = ? AND resource IN ({marks})", (holder, *chunk)
+                        "INSERT OR REPLACE INTO delivered_keys SELECT value, ? FROM json_each(?)",
+                        (expires, keys),
                     )
-                for chunk in _chunks(list(watermarks)):
-                    marks = ",".join("?" * len(chunk))
-                    # An attempt at or below the resource's watermark was confirmed: forget it.
+                if watermarks:
+                    # An expired watermark no longer counts: the new rank replaces it rather than competing.
+                    # (WHERE true: without it SQLite would read ON CONFLICT as part of the SELECT's join.)
                     db.execute(
-                        f"DELETE FROM attempts WHERE resource IN ({marks}) AND rank <= "
-                        "(SELECT rank FROM watermarks WHERE watermarks.resource = attempts.resource)",
-                        chunk,
+                        "INSERT INTO watermarks SELECT key, value, ?1 FROM json_each(?2) WHERE true"
+                        " ON CONFLICT (resource) DO UPDATE SET"
+                        " rank = CASE WHEN expires > ?3 THEN max(rank, excluded.rank) ELSE excluded.rank END,"
+                        " expires = excluded.expires",
+                        (expires, marks, now),
+                    )
+                ended = _end_claims(db, holder, released, count, now) if count else 0
+                if unreleased or ended < count:
+                    # An attempt at or below the resource's watermark was confirmed: forget it, whoever holds
+                    # the resource now.
+                    db.execute(
+                        f"UPDATE claims SET attempt = -1, attempt_expires = 0 WHERE resource IN {_GIVEN}"
+                        " AND attempt_expires > 0 AND attempt <="
+                        " (SELECT rank FROM watermarks WHERE watermarks.resource = claims.resource)",
+                        (marks,),
                     )
                 db.execute("COMMIT")
             except BaseException:
@@ -215,8 +341,11 @@ def _purge(db: sqlite3.Connection, now: float) -> None:
     """Delete the rows that expired (a scan of each table: there is no index on ``expires``)."""
     db.execute("BEGIN")
     try:
-        for table in ("delivered_keys", "watermarks", "claims", "attempts"):
+        for table in ("delivered_keys", "watermarks"):
             db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
+        db.execute("DELETE FROM claims WHERE expires <= ?1 AND attempt_expires <= ?1", (now,))
+        # An expired claim whose attempt lives on is gone as a claim: its holder can no longer withdraw.
+        db.execute("UPDATE claims SET holder = NULL WHERE expires <= ? AND holder IS NOT NULL", (now,))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -225,53 +354,57 @@ def _purge(db: sqlite3.Connection, now: float) -> None:
         raise
 
 
-def _read(db: sqlite3.Connection, keys: Sequence[str], resources: Sequence[str], now: float) -> StateView:
-    delivered: set[str] = set()
-    for chunk in _chunks(keys):
-        marks = ",".join("?" * len(chunk))
+def _read(db: sqlite3.Connection, keys: Sequence[str], resources: str, now: float) -> StateView:
+    """The delivered state of these message keys and of ``resources`` (a JSON object keyed by them)."""
+    delivered: frozenset[str] = frozenset()
+    if keys:
         rows = db.execute(
-            f"SELECT key FROM delivered_keys WHERE expires > ? AND key IN ({marks})", (now, *chunk)
+            "SELECT key FROM delivered_keys WHERE expires > ? AND key IN (SELECT value FROM json_each(?))",
+            (now, _json(keys)),
         )
-        delivered.update(row[0] for row in rows)
-    watermarks = _select(db, "SELECT resource, rank FROM watermarks", resources, now)
-    return StateView(frozenset(delivered), watermarks)
-
-
-def _select(db: sqlite3.Connection, query: str, resources: Sequence[str], now: float) -> dict[str, Any]:
-    """Run ``query`` (two columns, keyed by resource) over the unexpired rows of these resources."""
-    found: dict[str, Any] = {}
-    for chunk in _chunks(resources):
-        marks = ",".join("?" * len(chunk))
-        found.update(db.execute(f"{query} WHERE expires > ? AND resource IN ({marks})", (now, *chunk)))
-    return found
-
-
-def _take(
-    db: sqlite3.Connection, holder: str, resources: Sequence[str], now: float, expires: float
-) -> frozenset[str]:
-    """Claim (or renew) each resource no other live holder holds; return the ones another holds."""
-    holders = _select(db, "SELECT resource, holder FROM claims", resources, now)
-    refused = frozenset(r for r, owner in holders.items() if owner != holder)
-    db.executemany(
-        "INSERT OR REPLACE INTO claims VALUES (?, ?, ?)",
-        [(resource, holder, expires) for resource in resources if resource not in refused],
+        delivered = frozenset(row[0] for row in rows)
+    watermarks = dict(
+        db.execute(
+            "SELECT resource, rank FROM json_each(?) JOIN watermarks ON resource = key WHERE expires > ?",
+            (resources, now),
+        )
     )
-    return refused
+    return StateView(delivered, watermarks)
 
 
-def _release(
-    db: sqlite3.Connection, rows: Sequence[tuple[str, str]], withdrawals: Sequence[tuple[str, int, str]]
-) -> None:
-    db.execute("BEGIN")
-    try:
-        # An attempt is withdrawn only by the holder that made it, while it still holds the claim.
-        db.executemany(
-            "DELETE FROM attempts WHERE resource = ?1 AND rank = ?2"
-            " AND EXISTS (SELECT 1 FROM claims WHERE resource = ?1 AND holder = ?3)",
-            withdrawals,
-        )
-        db.executemany("DELETE FROM claims WHERE resource = ? AND holder = ?", rows)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
+def _claims_of(db: sqlite3.Connection, resources: str, now: float) -> dict[str, tuple[str | None, int]]:
+    """Each resource's live holder (None: unclaimed) and live attempt (-1: none), where it has a row."""
+    rows = db.execute(
+        "SELECT resource, CASE WHEN expires > ?1 THEN holder END,"
+        " CASE WHEN attempt_expires > ?1 THEN attempt ELSE -1 END"
+        " FROM json_each(?2) JOIN claims ON resource = key",
+        (now, resources),
+    )
+    return {resource: (owner, attempt) for resource, owner, attempt in rows}
+
+
+def _hold(db: sqlite3.Connection, holder: str, resources: str, expires: float) -> None:
+    """Claim (or renew) these resources for ``holder``, keeping their attempts."""
+    db.execute(
+        "INSERT INTO claims (resource, holder, expires) SELECT key, ?, ? FROM json_each(?) WHERE true"
+        " ON CONFLICT (resource) DO UPDATE SET holder = excluded.holder, expires = excluded.expires",
+        (holder, expires, resources),
+    )
+
+
+def _end_claims(db: sqlite3.Connection, holder: str, resources: str, count: int, now: float) -> int:
+    """End ``holder``'s claims on ``resources`` (a JSON object keyed by them, ``count`` of them); return how
+    many rows went.
+
+    A row goes with its claim unless it keeps an attempt that is live and above the resource's watermark
+    (sent, never confirmed): then only the claim ends.
+    """
+    deleted = db.execute(
+        "DELETE FROM claims WHERE holder = ?1 AND resource IN (SELECT key FROM json_each(?2))"
+        " AND (attempt_expires <= ?3 OR attempt <= (SELECT rank FROM watermarks"
+        " WHERE watermarks.resource = claims.resource AND watermarks.expires > ?3))",
+        (holder, resources, now),
+    ).rowcount
+    if deleted < count:
+        db.execute(_UNCLAIM, (holder, resources))
+    return deleted
