@@ -73,6 +73,7 @@ test: install servers lint typecheck architecture deptry
 # ratios against a baseline measured in the same run.
 bench: install servers
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.state
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.kafka
 	$(BIN)/python -m bench.pubsub

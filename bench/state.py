@@ -6,10 +6,11 @@ releasing the claims), or ``claim`` and ``release_claims`` (a batch taken and gi
 an empty one; one with 100,000 resources already present, the batches new ones; the same, the batches
 raising resources already present (the steady state of a long-running service). The figure is CPU time of
 the calling thread (the loop's: the store runs its transactions inline) per resource, median of
-interleaved rounds, for the baseline (``bench.state_baseline``: the store before claims and attempts
-shared a table) and the current ``adapters.sqlite.state``.
+interleaved rounds, for the baseline (``adapters/sqlite/state.py`` as of ``--baseline`` commit, read from
+git: by default ced9765, the store before claims and attempts shared a table) and the current
+``adapters.sqlite.state``.
 
-Run: ``.venv/bin/python -m bench.state [--cycles N] [--rounds R] [--present K]``.
+Run: ``.venv/bin/python -m bench.state [--cycles N] [--rounds R] [--present K] [--baseline COMMIT]``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from adapters.sqlite.state import SqliteStateStore
-from bench.state_baseline import SqliteStateStore as BaselineStore
 from consumer.ports import StateStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 BATCH = 100
 HOLDER = "bench-holder"
@@ -34,6 +38,16 @@ LEASE, ATTEMPT_TTL, TTL = 30.0, 300.0, 7 * 86400.0
 
 class Opened(StateStore, Protocol):
     async def open(self) -> None: ...
+
+
+def baseline_store(commit: str) -> Callable[[Path], Opened]:
+    """The SQLite store class as it was at ``commit``, loaded from git (no copy of old code in the tree)."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:adapters/sqlite/state.py"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    module = types.ModuleType(f"baseline_state_{commit}")
+    exec(compile(source, f"{commit}:adapters/sqlite/state.py", "exec"), module.__dict__)
+    return cast(Callable[[Path], Opened], module.SqliteStateStore)
 
 
 async def measure(
@@ -76,8 +90,12 @@ async def main() -> None:
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--present", type=int, default=100_000)
+    parser.add_argument("--baseline", default="ced9765", help="the commit whose store is the baseline")
     args = parser.parse_args()
-    stores: dict[str, Callable[[Path], Opened]] = {"baseline": BaselineStore, "current": SqliteStateStore}
+    stores: dict[str, Callable[[Path], Opened]] = {
+        "baseline": baseline_store(args.baseline),
+        "current": SqliteStateStore,
+    }
     files = [
         ("empty file", 0, False),
         ("new resources", args.present, False),
