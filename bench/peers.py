@@ -46,6 +46,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -216,7 +217,60 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def command(contender: str, bootstrap: str, topic: str, group: str, hook: HookServer, tmp: Path) -> tuple:
+class Mark(NamedTuple):
+    """The watched process's CPU-s and the notifications accepted so far, at ``time.monotonic()`` ``at``."""
+
+    at: float
+    cpu: float
+    accepted: int
+
+
+class Hook(HookServer):
+    """The hook server, with a count of accepted notifications that copies nothing, and marks taken as the
+    hook answers: ``first`` when the watched process's first notifications are accepted, ``last`` when
+    ``target`` notifications are (its CPU read from /proc right then, in the hook's handler thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid: int | None = None
+        self._target = 0
+        self.first: Mark | None = None
+        self.last: Mark | None = None
+
+    def watch(self, pid: int | None, target: int = 0) -> None:
+        """Take marks for process ``pid`` afresh, ``last`` once ``target`` are accepted; None: take no more
+        (the marks taken stay)."""
+        with self._lock:
+            self._pid, self._target = pid, target
+            if pid is not None:
+                self.first = self.last = None
+
+    @property
+    def accepted(self) -> int:
+        """The notifications accepted so far (``len(self.notifications)`` copies them all)."""
+        with self._lock:
+            return len(self._accepted)
+
+    def mark(self) -> Mark:
+        """A mark taken now (the watched process must be set)."""
+        with self._lock:
+            assert self._pid is not None
+            return Mark(time.monotonic(), cpu_seconds(self._pid), len(self._accepted))
+
+    def _notify(self) -> None:
+        # Called with the lock held, after every answered request was recorded (and on reset).
+        super()._notify()
+        if self._pid is None or not self._accepted:
+            return
+        if self.first is None:
+            self.first = self.mark()
+        if self.last is None and self._target and len(self._accepted) >= self._target:
+            self.last = self.mark()
+
+
+def command(
+    contender: str, bootstrap: str, topic: str, group: str, hook: HookServer, tmp: Path
+) -> tuple[list[str], dict[str, str]]:
     """Return (argv, env) for one run of a contender."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CTSYNC_", "IPAAS_", "KAFKA_", "CTP_"))}
     args = [bootstrap, topic, group, hook.url, hook.api_key]
@@ -246,33 +300,41 @@ def command(contender: str, bootstrap: str, topic: str, group: str, hook: HookSe
 
 
 def run_once(
-    contender: str, counter: FetchCounter, topic: str, count: int, hook: HookServer, tmp: Path
-) -> tuple[float, float, float]:
-    """Run one contender to the end; return (payloads/s, CPU-s per 100k, fetch requests per 100k)."""
+    contender: str, counter: FetchCounter, topic: str, count: int, hook: Hook, tmp: Path
+) -> tuple[float, float, float, float]:
+    """Run one contender to the end; return (payloads/s, steady CPU-s per 100k, whole-process CPU-s per
+    100k, fetch requests per 100k)."""
     hook.reset()
     fetches_before = counter.fetches
     argv, env = command(contender, counter.address, topic, f"{contender}-{uuid.uuid4().hex[:6]}", hook, tmp)
     with open(os.devnull, "wb") as devnull, (tmp / f"{contender}.err").open("wb") as errors:
         proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    hook.watch(proc.pid, count)
     try:
         deadline = time.monotonic() + 900
-        while len(hook.notifications) < count:
+        while hook.last is None:
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"{contender} exited {proc.returncode}: {(tmp / f'{contender}.err').read_text()[-2000:]}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{contender}: {len(hook.notifications)} of {count} notifications")
+                raise RuntimeError(f"{contender}: {hook.accepted} of {count} notifications")
             time.sleep(0.02)
         cpu = cpu_seconds(proc.pid)
     finally:
-        stop_process(proc)  # type: ignore[arg-type]
+        hook.watch(None)
+        stop_process(proc)
+    first, last = hook.first, hook.last
+    assert first is not None and last is not None
     arrivals = hook.arrivals
     rate = count / max(arrivals[-1] - arrivals[0], 1e-9)
-    return rate, cpu * 100_000 / count, (counter.fetches - fetches_before) * 100_000 / count
+    # From the first accepted request's answer to the last's: the notifications of every request but the
+    # first, and the CPU spent between them (start-up, imports and connecting excluded).
+    steady = (last.cpu - first.cpu) * 100_000 / max(last.accepted - first.accepted, 1)
+    return rate, steady, cpu * 100_000 / count, (counter.fetches - fetches_before) * 100_000 / count
 
 
-def idle_share(counter: FetchCounter, topic: str, hook: HookServer, tmp: Path, seconds: float) -> float:
+def idle_share(counter: FetchCounter, topic: str, hook: Hook, tmp: Path, seconds: float) -> float:
     """Run ctsync at its defaults under a full throttle; return its CPU share of one core while it waits."""
     hook.reset()
     argv, env = command("ctsync", counter.address, topic, f"idle-{uuid.uuid4().hex[:6]}", hook, tmp)
@@ -281,7 +343,7 @@ def idle_share(counter: FetchCounter, topic: str, hook: HookServer, tmp: Path, s
         proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
     try:
         deadline = time.monotonic() + 120
-        while not hook.notifications:
+        while not hook.accepted:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ctsync sent nothing: {(tmp / 'idle.err').read_text()[-2000:]}")
             time.sleep(0.05)
@@ -291,7 +353,7 @@ def idle_share(counter: FetchCounter, topic: str, hook: HookServer, tmp: Path, s
         time.sleep(seconds)
         return (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started)
     finally:
-        stop_process(proc)  # type: ignore[arg-type]
+        stop_process(proc)
 
 
 async def idle_async(seconds: float, rounds: int) -> None:
@@ -304,7 +366,8 @@ async def idle_async(seconds: float, rounds: int) -> None:
             kafka = Kafka(counter.upstream)
             topic = await kafka.create_topic(partitions=3)
             await kafka.produce(topic, updates(20_000, topic), key=None)
-            with HookServer() as hook:
+            hook = Hook()
+            with hook:
                 shares = [
                     await asyncio.to_thread(idle_share, counter, topic, hook, tmp, seconds)
                     for _ in range(rounds)
@@ -326,8 +389,9 @@ async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
             kafka = Kafka(counter.upstream)
             topic = await kafka.create_topic(partitions=3)
             await kafka.produce(topic, updates(count, topic), key=None)
-            results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in contenders}
-            with HookServer() as hook:
+            results: dict[str, list[tuple[float, float, float, float]]] = {c: [] for c in contenders}
+            hook = Hook()
+            with hook:
                 for n in range(rounds):
                     for contender in contenders:
                         results[contender].append(
@@ -337,10 +401,11 @@ async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
         finally:
             stop_process(tansu)
     print(f"{count:,} one-update payloads, 3 partitions, unthrottled hook; medians of {rounds} rounds")
-    print(f"{'contender':22} {'payloads/s':>11} {'CPU-s/100k':>11} {'fetches/100k':>13}")
-    medians = {c: tuple(statistics.median(r[i] for r in results[c]) for i in range(3)) for c in contenders}
-    for contender, (rate, cpu, fetches) in medians.items():
-        print(f"{contender:22} {rate:11,.0f} {cpu:11.2f} {fetches:13,.0f}")
+    print(f"{'contender':22} {'payloads/s':>11} {'CPU-s/100k':>11}", end=" ")
+    print(f"{'whole-process':>14} {'fetches/100k':>13}")
+    medians = {c: [statistics.median(r[i] for r in results[c]) for i in range(4)] for c in contenders}
+    for contender, (rate, steady, whole, fetches) in medians.items():
+        print(f"{contender:22} {rate:11,.0f} {steady:11.2f} {whole:14.2f} {fetches:13,.0f}")
     for contender in contenders:
         if contender.startswith("ctsync"):
             for peer in ("faststream", "hand"):
