@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import struct
@@ -45,6 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -217,6 +219,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# ``ctsync@<short sha>`` -> the checked-out tree it runs from (PYTHONPATH comes before the venv's editable
+# install of this repository, so ``python -m consumer.cli`` imports that tree's code).
+TREES: dict[str, Path] = {}
+
+
+@contextlib.contextmanager
+def baseline(commit: str | None, tmp: Path) -> Iterator[list[str]]:
+    """Check ``commit`` out in a detached worktree under ``tmp`` and yield ``[ctsync@<short sha>]`` (no
+    commit: ``[]``); check that its ctsync imports its own code; remove the worktree on the way out."""
+    if commit is None:
+        yield []
+        return
+    git = ["git", "-C", str(ROOT)]
+    short = subprocess.run([*git, "rev-parse", "--short", commit], check=True, capture_output=True, text=True)
+    name, tree = f"ctsync@{short.stdout.strip()}", tmp / f"tree-{short.stdout.strip()}"
+    subprocess.run([*git, "worktree", "add", "--detach", str(tree), commit], check=True, capture_output=True)
+    TREES[name] = tree
+    try:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        probe = "import consumer.cli, adapters; print(consumer.cli.__file__); print(adapters.__file__)"
+        found = subprocess.run(
+            [sys.executable, "-c", probe], env=env, cwd=tmp, check=True, capture_output=True, text=True
+        ).stdout.split()
+        if not all(Path(path).is_relative_to(tree) for path in found):
+            raise RuntimeError(f"{name} imports {found}, not the tree at {tree}")
+        help_argv = [sys.executable, "-m", "consumer.cli", "--help"]
+        subprocess.run(help_argv, env=env, cwd=tmp, check=True, capture_output=True)
+        print(f"{name}: {found[0]}", file=sys.stderr)
+        yield [name]
+    finally:
+        del TREES[name]
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
+
+
 class Mark(NamedTuple):
     """The watched process's CPU-s and the notifications accepted so far, at ``time.monotonic()`` ``at``."""
 
@@ -271,7 +307,7 @@ class Hook(HookServer):
 def command(
     contender: str, bootstrap: str, topic: str, group: str, hook: HookServer, tmp: Path
 ) -> tuple[list[str], dict[str, str]]:
-    """Return (argv, env) for one run of a contender."""
+    """Return (argv, env) for one run of a contender; ``ctsync@<sha>`` runs the tree in ``TREES``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CTSYNC_", "IPAAS_", "KAFKA_", "CTP_"))}
     args = [bootstrap, topic, group, hook.url, hook.api_key]
     if contender == "hand":
@@ -281,6 +317,7 @@ def command(
     env = {
         **base,
         **hook.env(),
+        "PYTHONPATH": str(TREES.get(contender, ROOT)),
         "CTSYNC_SOURCE": "kafka",
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPICS": topic,
@@ -290,7 +327,7 @@ def command(
         "IPAAS_THROTTLE_LIMIT": "1000000",
         "IPAAS_THROTTLE_SECONDS": "1",
     }
-    if contender in ("ctsync", "ctsync-quiet"):
+    if contender in ("ctsync", "ctsync-quiet") or contender in TREES:
         env["CTSYNC_STATE_URL"] = f"sqlite:///{tmp}/state-{group}.db"
         if contender == "ctsync-quiet":
             env["CTSYNC_LOG_LEVEL"] = "WARNING"
@@ -334,10 +371,12 @@ def run_once(
     return rate, steady, cpu * 100_000 / count, (counter.fetches - fetches_before) * 100_000 / count
 
 
-def idle_share(counter: FetchCounter, topic: str, hook: Hook, tmp: Path, seconds: float) -> float:
+def idle_share(
+    contender: str, counter: FetchCounter, topic: str, hook: Hook, tmp: Path, seconds: float
+) -> float:
     """Run ctsync at its defaults under a full throttle; return its CPU share of one core while it waits."""
     hook.reset()
-    argv, env = command("ctsync", counter.address, topic, f"idle-{uuid.uuid4().hex[:6]}", hook, tmp)
+    argv, env = command(contender, counter.address, topic, f"idle-{uuid.uuid4().hex[:6]}", hook, tmp)
     env.update(IPAAS_THROTTLE_LIMIT="1", IPAAS_THROTTLE_SECONDS="3600")
     with open(os.devnull, "wb") as devnull, (tmp / "idle.err").open("wb") as errors:
         proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
@@ -356,30 +395,54 @@ def idle_share(counter: FetchCounter, topic: str, hook: Hook, tmp: Path, seconds
         stop_process(proc)
 
 
-async def idle_async(seconds: float, rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        counter = FetchCounter()
-        tansu, counter.upstream = start_tansu(tmp / "tansu.log", advertised=counter.address)
-        counter.start()
-        try:
-            kafka = Kafka(counter.upstream)
-            topic = await kafka.create_topic(partitions=3)
-            await kafka.produce(topic, updates(20_000, topic), key=None)
-            hook = Hook()
-            with hook:
-                shares = [
-                    await asyncio.to_thread(idle_share, counter, topic, hook, tmp, seconds)
-                    for _ in range(rounds)
-                ]
-        finally:
-            stop_process(tansu)
-    print(f"ctsync at its defaults under a full throttle, 10,000 envelopes waiting, {seconds:.0f} s each:")
-    print(f"  idle CPU {statistics.median(shares) * 100:.2f} % of a core (median of {rounds}: ", end="")
-    print(", ".join(f"{share * 100:.2f} %" for share in shares) + ")")
+def budget_once(
+    contender: str, counter: FetchCounter, topic: str, count: int, hook: Hook, tmp: Path, seconds: float
+) -> tuple[float, float, float]:
+    """Run a ctsync contender at its defaults, the default throttle included, on a backlog it cannot finish;
+    from its first accepted request for ``seconds``, return (µs of CPU per notification accepted in that
+    span, notifications/s, its CPU share of one core)."""
+    hook.reset()
+    argv, env = command(contender, counter.address, topic, f"budget-{uuid.uuid4().hex[:6]}", hook, tmp)
+    env.pop("IPAAS_THROTTLE_LIMIT")
+    env.pop("IPAAS_THROTTLE_SECONDS")
+    with open(os.devnull, "wb") as devnull, (tmp / "budget.err").open("wb") as errors:
+        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    hook.watch(proc.pid)
+    try:
+        deadline = time.monotonic() + 120
+        while (first := hook.first) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{contender} sent nothing: {(tmp / 'budget.err').read_text()[-2000:]}")
+            time.sleep(0.02)
+        time.sleep(max(0.0, first.at + seconds - time.monotonic()))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{contender} exited: {(tmp / 'budget.err').read_text()[-2000:]}")
+        last = hook.mark()
+    finally:
+        hook.watch(None)
+        stop_process(proc)
+    if last.accepted >= count:
+        raise RuntimeError(f"{contender} ran dry: {last.accepted:,} of {count:,} payloads notified")
+    sent = last.accepted - first.accepted
+    span = last.at - first.at
+    cpu = last.cpu - first.cpu
+    print(
+        f"  {contender}: {sent:,} notifications in {span:.1f} s, {cpu:.2f} CPU-s",
+        f"({last.accepted:,} accepted in all)",
+        file=sys.stderr,
+    )
+    return cpu * 1e6 / max(sent, 1), sent / span, cpu / span
 
 
-async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
+async def bench_async(args: argparse.Namespace) -> None:
+    """Start the broker and the hook, fill a topic, check the baseline out, and run the chosen mode."""
+    if args.budget:
+        count = args.payloads or 150_000
+    elif args.idle:
+        count = args.payloads or 20_000
+    else:
+        count = args.payloads or 50_000
+    rounds: int = args.rounds
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         counter = FetchCounter()
@@ -389,42 +452,78 @@ async def main_async(count: int, rounds: int, contenders: list[str]) -> None:
             kafka = Kafka(counter.upstream)
             topic = await kafka.create_topic(partitions=3)
             await kafka.produce(topic, updates(count, topic), key=None)
-            results: dict[str, list[tuple[float, float, float, float]]] = {c: [] for c in contenders}
             hook = Hook()
-            with hook:
+            with baseline(args.baseline_commit, tmp) as baselines, hook:
+                if args.budget or args.idle:
+                    contenders = ["ctsync", *baselines]
+                else:
+                    contenders = [*args.contenders.split(","), *baselines]
+                results: dict[str, list[tuple[float, ...]]] = {c: [] for c in contenders}
                 for n in range(rounds):
                     for contender in contenders:
-                        results[contender].append(
-                            await asyncio.to_thread(run_once, contender, counter, topic, count, hook, tmp)
-                        )
+                        if args.budget:
+                            result: tuple[float, ...] = await asyncio.to_thread(
+                                budget_once, contender, counter, topic, count, hook, tmp, args.budget
+                            )
+                        elif args.idle:
+                            share = await asyncio.to_thread(
+                                idle_share, contender, counter, topic, hook, tmp, args.idle
+                            )
+                            result = (share,)
+                        else:
+                            result = await asyncio.to_thread(
+                                run_once, contender, counter, topic, count, hook, tmp
+                            )
+                        results[contender].append(result)
                     print(f"round {n + 1}/{rounds} done", file=sys.stderr)
         finally:
             stop_process(tansu)
-    print(f"{count:,} one-update payloads, 3 partitions, unthrottled hook; medians of {rounds} rounds")
-    print(f"{'contender':22} {'payloads/s':>11} {'CPU-s/100k':>11}", end=" ")
-    print(f"{'whole-process':>14} {'fetches/100k':>13}")
-    medians = {c: [statistics.median(r[i] for r in results[c]) for i in range(4)] for c in contenders}
-    for contender, (rate, steady, whole, fetches) in medians.items():
-        print(f"{contender:22} {rate:11,.0f} {steady:11.2f} {whole:14.2f} {fetches:13,.0f}")
-    for contender in contenders:
-        if contender.startswith("ctsync"):
-            for peer in ("faststream", "hand"):
-                if peer in medians:
-                    ratio = medians[contender][0] / medians[peer][0]
-                    print(f"  {contender} / {peer}: {ratio:.2f}x payloads/s")
+    medians = {
+        c: [statistics.median(r[i] for r in results[c]) for i in range(len(results[c][0]))]
+        for c in contenders
+    }
+    if args.budget:
+        print("ctsync at its defaults (SQLite state, INFO audit, batch 100, 500 requests/60 s, 5 at once)")
+        print(f"{count:,}-payload backlog, {args.budget:.0f} s from the first accepted request", end="; ")
+        print(f"medians of {rounds} rounds")
+        print(f"{'contender':22} {'µs CPU/notif':>13} {'notifs/s':>9} {'CPU share':>10}", end="  ")
+        print("µs CPU/notif by round")
+        for contender, (micros, rate, share) in medians.items():
+            by_round = ", ".join(f"{r[0]:.1f}" for r in results[contender])
+            print(f"{contender:22} {micros:13.1f} {rate:9,.0f} {share * 100:9.2f}%  {by_round}")
+    elif args.idle:
+        print("ctsync at its defaults under a full throttle, 10,000 envelopes waiting", end=", ")
+        print(f"{args.idle:.0f} s each:")
+        for contender, (share,) in medians.items():
+            by_round = ", ".join(f"{r[0] * 100:.2f} %" for r in results[contender])
+            print(f"  {contender:22} idle CPU {share * 100:.2f} % of a core (median of {rounds}: {by_round})")
+    else:
+        print(f"{count:,} one-update payloads, 3 partitions, unthrottled hook; medians of {rounds} rounds")
+        print("CPU-s/100k: from the first accepted request to the last; whole-process: start-up included")
+        print(f"{'contender':22} {'payloads/s':>11} {'CPU-s/100k':>11}", end=" ")
+        print(f"{'whole-process':>14} {'fetches/100k':>13}")
+        for contender, (rate, steady, whole, fetches) in medians.items():
+            print(f"{contender:22} {rate:11,.0f} {steady:11.2f} {whole:14.2f} {fetches:13,.0f}")
+        for contender in contenders:
+            if contender.startswith("ctsync"):
+                for peer in ("faststream", "hand"):
+                    if peer in medians:
+                        ratio = medians[contender][0] / medians[peer][0]
+                        print(f"  {contender} / {peer}: {ratio:.2f}x payloads/s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--payloads", type=int, default=50_000)
+    parser.add_argument("--payloads", type=int, help="50,000; --budget 150,000; --idle 20,000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--contenders", default="hand,faststream,ctsync,ctsync-memory-1000")
-    parser.add_argument("--idle", type=float, metavar="SECONDS", help="idle CPU, full throttle")
-    args = parser.parse_args()
-    if args.idle:
-        asyncio.run(idle_async(args.idle, args.rounds))
-    else:
-        asyncio.run(main_async(args.payloads, args.rounds, args.contenders.split(",")))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--idle", type=float, metavar="SECONDS", help="idle CPU, full throttle")
+    mode.add_argument(
+        "--budget", type=float, metavar="SECONDS", help="CPU per notification, default throttle (120 s)"
+    )
+    parser.add_argument("--baseline-commit", metavar="SHA", help="also run this commit's ctsync")
+    asyncio.run(bench_async(parser.parse_args()))
 
 
 if __name__ == "__main__":
