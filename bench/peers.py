@@ -20,16 +20,34 @@ Contenders, each a fresh process, in interleaved rounds (medians reported):
 - ``ctsync-memory-1000``: memory state, batch size 1,000.
 - ``ctsync-quiet`` (only when named in ``--contenders``): the defaults with ``CTSYNC_LOG_LEVEL=WARNING``, no
   per-message audit lines: what the audit trail costs, by difference.
+- ``ctsync@<short sha>`` (with ``--baseline-commit SHA``, in every mode): ``ctsync`` as that commit wrote it,
+  checked out in a detached worktree (removed at the end) and run from the same venv with ``PYTHONPATH`` set
+  to it, which comes before the venv's editable install (checked: ``consumer.cli`` and ``adapters`` must
+  import from that tree). The settings' names are a kept contract, so the same environment serves both.
 
-Figures per contender: payloads/s from the hook's first to last accepted request, CPU-s per 100k payloads
-(user + system of the contender's process), and Kafka fetch requests per 100k payloads, counted by a proxy
-that tansu advertises in front of itself.
+Figures per contender: payloads/s from the hook's first to last accepted request; CPU-s per 100k payloads
+(user + system of the contender's process) from the hook's answer to the first accepted request to its
+answer to the last, per notification accepted in between: the per-payload cost, start-up (imports,
+connecting, the first fetch) excluded; the whole process's CPU-s per 100k, start-up included, as a second
+column (``whole-process``); and Kafka fetch requests per 100k payloads, counted by a proxy that tansu
+advertises in front of itself.
 
-Run: ``.venv/bin/python -m bench.peers [--payloads N] [--rounds R]`` (``make bench`` runs it too).
+Run: ``.venv/bin/python -m bench.peers [--payloads N] [--rounds R] [--baseline-commit SHA]`` from the root of
+the tree to measure (its ctsync runs with ``PYTHONPATH`` set to that root); ``make bench`` runs it too.
 
 ``--idle SECONDS``: instead, ctsync at its defaults under a full throttle (one request an hour, so after the
 first one nothing leaves) with ``CTSYNC_MAX_IN_FLIGHT`` envelopes waiting: the share of a core it burns
-while it can only wait, measured over SECONDS once the in-flight bound is reached.
+while it can only wait, measured over SECONDS once the in-flight bound is reached (20,000 payloads).
+
+``--budget SECONDS``: instead, what a notification costs at the rate the default budget allows: ctsync at
+its defaults (SQLite state, INFO audit trail, batch 100) and the default throttle (500 requests per 60 s
+moving window, 5 connections and batch executions at once) on a backlog of distinct-entity updates it
+cannot send in the span (150,000 payloads by default; a run that notifies them all fails). From the hook's
+answer to its first accepted request for SECONDS (120 by default: two windows), the process's user + system
+CPU-s and the notifications accepted in that span: µs of CPU per notification, notifications/s and the
+share of a core. Each window's 500 requests leave in a burst and the process then waits, so the span must
+cover whole windows; the span's end falls where the third window's burst begins, so a few of its requests
+may land inside (each is 0.1 % of the count). Example: ``--budget 120 --rounds 3 --baseline-commit SHA``.
 """
 
 from __future__ import annotations
