@@ -18,7 +18,8 @@ Contenders, each a fresh process, in interleaved rounds (medians reported):
   body fails validation and nothing is ever sent).
 - ``ctsync``: ``ctsync run`` at its defaults (SQLite state, INFO audit trail, batch 100), audit to /dev/null.
 - ``ctsync-memory-1000``: memory state, batch size 1,000.
-- ``ctsync-quiet`` (only when named in ``--contenders``): the defaults with ``CTSYNC_LOG_LEVEL=WARNING``, no
+- ``ctsync-quiet`` (only when named in ``--contenders``): the defaults with the audit trail off
+  (``CTSYNC_AUDIT=off``, ``CTSYNC_LOG_LEVEL=WARNING``: at WARNING alone the trail is still whole), no
   per-message audit lines: what the audit trail costs, by difference.
 - ``ctsync@<short sha>`` (with ``--baseline-commit SHA``, in every mode): ``ctsync`` as that commit wrote it,
   checked out in a detached worktree (removed at the end) and run from the same venv with ``PYTHONPATH`` set
@@ -348,7 +349,7 @@ def command(
     if contender in ("ctsync", "ctsync-quiet") or contender in TREES:
         env["CTSYNC_STATE_URL"] = f"sqlite:///{tmp}/state-{group}.db"
         if contender == "ctsync-quiet":
-            env["CTSYNC_LOG_LEVEL"] = "WARNING"
+            env.update(CTSYNC_LOG_LEVEL="WARNING", CTSYNC_AUDIT="off")
     else:
         env.update(CTSYNC_STATE_URL="memory://", IPAAS_BATCH_SIZE="1000")
     return [sys.executable, "-m", "consumer.cli", "run"], env
