@@ -20,6 +20,11 @@ So:
   growing memory with the request rate (tests/integration/test_kafka.py's backpressure test saw 16 MiB in
   10 s). Under a full throttle nothing moves, so the envelopes waiting for the budget are never walked
   again. (A full collection each second over 10,000 waiting envelopes cost about 26 ms: 2.6 % of a core.)
+  A full collection that finds almost nothing (fewer than ``FEW_UNREACHABLE`` objects: a fast hook's
+  requests die young) doubles the wait before the next one, up to ``MAX_FULL_INTERVAL_SECONDS``; one that
+  finds garbage brings it back to ``full_interval``. So a busy service with a fast hook walks its envelopes
+  in flight every 16 s rather than every 2 s (about 3 % of its CPU at the default budget), and one whose
+  requests reach the old generation still has them collected every 2 s.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from contextlib import asynccontextmanager
 THRESHOLDS = (50_000, 50, 10)
 INTERVAL_SECONDS = 1.0
 FULL_INTERVAL_SECONDS = 2.0
+MAX_FULL_INTERVAL_SECONDS = 16.0
+# Unreachable objects a full collection must find for the next one to come as soon: one httpx request's
+# cycle is a few dozen objects, so this is a few dozen requests' worth.
+FEW_UNREACHABLE = 1_000
 
 
 def collect_young() -> bool:
@@ -70,13 +79,19 @@ async def garbage_collected(
         gc.unfreeze()
 
 
+def next_full_interval(found: int, current: float, least: float, most: float) -> float:
+    """The wait before the next full collection, after one that found ``found`` unreachable objects."""
+    return least if found >= FEW_UNREACHABLE else min(current * 2, max(most, least))
+
+
 async def _collect_every(interval: float, busy: Callable[[], bool] | None, full_interval: float) -> None:
     since_full = 0.0
+    due = full_interval
     while True:
         await asyncio.sleep(interval)
         since_full += interval
-        if busy is not None and since_full >= full_interval and busy():
-            gc.collect()
+        if busy is not None and since_full >= due and busy():
+            due = next_full_interval(gc.collect(), due, full_interval, MAX_FULL_INTERVAL_SECONDS)
             since_full = 0.0
         else:
             collect_young()

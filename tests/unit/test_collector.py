@@ -96,3 +96,37 @@ def test_collect_young_skips_when_nothing_was_allocated_and_runs_when_something_
     finally:
         gc.enable()
         gc.set_threshold(*before)
+
+
+def test_a_full_collection_that_finds_little_waits_longer_and_one_that_finds_garbage_comes_soon() -> None:
+    few, many = collector.FEW_UNREACHABLE - 1, collector.FEW_UNREACHABLE
+    assert collector.next_full_interval(few, 2.0, 2.0, 16.0) == 4.0
+    assert collector.next_full_interval(few, 8.0, 2.0, 16.0) == 16.0
+    assert collector.next_full_interval(few, 16.0, 2.0, 16.0) == 16.0
+    assert collector.next_full_interval(many, 16.0, 2.0, 16.0) == 2.0
+    # A full interval above the cap is kept, never shortened by it.
+    assert collector.next_full_interval(few, 30.0, 30.0, 16.0) == 30.0
+
+
+async def test_a_busy_service_making_old_garbage_keeps_its_full_collections_on_the_clock() -> None:
+    made: list[int] = []
+
+    async def tick(n: int) -> None:
+        for _ in range(n):
+            # Cycles that live across a young collection, as a slow hook's requests do.
+            cycles = [Node() for _ in range(2 * collector.FEW_UNREACHABLE)]
+            gc.collect(1)
+            del cycles
+            made.append(1)
+            await asyncio.sleep(0.02)
+
+    async with collector.garbage_collected(interval=0.02, busy=lambda: True, full_interval=0.04):
+        with collections_seen() as garbage_seen:
+            await tick(20)
+    async with collector.garbage_collected(interval=0.02, busy=lambda: True, full_interval=0.04):
+        with collections_seen() as clean_seen:
+            for _ in range(20):
+                await asyncio.sleep(0.02)
+    # Every other tick with garbage about; with none, the waits double (0.04, 0.08, 0.16 s...).
+    assert garbage_seen.count(2) >= 6, garbage_seen
+    assert clean_seen.count(2) < garbage_seen.count(2), (clean_seen, garbage_seen)
