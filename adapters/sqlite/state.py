@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -71,25 +71,34 @@ ALTER TABLE claims_merged RENAME TO claims;
 """
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """One transaction: committed when the block ends, rolled back when it raises."""
+    db.execute(begin)
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): a second ROLLBACK would fail with
+        # "cannot rollback" and hide the error that matters.
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+
+
 def _prepare(db: sqlite3.Connection) -> None:
     """Create the tables, or migrate a file of an earlier version (in one transaction, so a process that
     dies midway leaves the old tables whole)."""
     if not _needs_migration(db):
         db.executescript(_SCHEMA)
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db, "BEGIN IMMEDIATE"):
         # Another process may have migrated it between the look and the lock.
         if _needs_migration(db):
             for statement in _MIGRATE_CLAIMS.split(";"):
                 if statement.strip():
                     db.execute(statement)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
     db.executescript(_SCHEMA)
 
 
@@ -170,12 +179,9 @@ class SqliteStateStore:
 
         def claim(db: sqlite3.Connection) -> Claim:
             # IMMEDIATE: another process sharing the file cannot claim between our read and our write.
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db, "BEGIN IMMEDIATE"):
                 claims = _claims_of(db, batch, now)
-                refused = frozenset(
-                    r for r, (owner, _) in claims.items() if owner is not None and owner != holder
-                )
+                refused = _held_by_others(claims, holder)
                 view = _read(db, keys, batch, now)
                 marks = view.watermarks
                 if refused:
@@ -209,10 +215,6 @@ class SqliteStateStore:
                     )
                 if kept:
                     _hold(db, holder, _keyed(kept), now + lease_seconds)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return Claim(refused, view, attempts)
 
         return await self._run(claim)
@@ -227,8 +229,7 @@ class SqliteStateStore:
             return
 
         def release(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN")
-            try:
+            with _transaction(db):
                 # An attempt is withdrawn only by the holder that made it, while it still holds the claim.
                 db.executemany(
                     "UPDATE claims SET attempt = -1, attempt_expires = 0"
@@ -239,10 +240,6 @@ class SqliteStateStore:
                     # Only the claims end: a row's attempt may be live, and looking costs more than leaving
                     # the rows without one to the purge (a released claim counts as none).
                     db.execute(_UNCLAIM, (holder, resources))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
 
         await self._run(release)
 
@@ -255,18 +252,11 @@ class SqliteStateStore:
         now = self._clock()
 
         def extend(db: sqlite3.Connection) -> frozenset[str]:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db, "BEGIN IMMEDIATE"):
                 claims = _claims_of(db, resources, now)
-                lost = frozenset(
-                    r for r, (owner, _) in claims.items() if owner is not None and owner != holder
-                )
+                lost = _held_by_others(claims, holder)
                 kept = _keyed(r for r in resource_keys if r not in lost) if lost else resources
                 _hold(db, holder, kept, now + lease_seconds)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return lost
 
         return await self._run(extend)
@@ -293,8 +283,7 @@ class SqliteStateStore:
             self._last_purge = now
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN")
-            try:
+            with _transaction(db):
                 if keys is not None:
                     db.execute(
                         "INSERT OR REPLACE INTO delivered_keys SELECT value, ? FROM json_each(?)",
@@ -320,14 +309,6 @@ class SqliteStateStore:
                         " (SELECT rank FROM watermarks WHERE watermarks.resource = claims.resource)",
                         (marks,),
                     )
-                db.execute("COMMIT")
-            except BaseException:
-                # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): a second ROLLBACK would
-                # fail with "cannot rollback" and hide the error that matters.
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
 
         await self._run(write)
         if purge:
@@ -339,19 +320,12 @@ class SqliteStateStore:
 
 def _purge(db: sqlite3.Connection, now: float) -> None:
     """Delete the rows that expired (a scan of each table: there is no index on ``expires``)."""
-    db.execute("BEGIN")
-    try:
+    with _transaction(db):
         for table in ("delivered_keys", "watermarks"):
             db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
         db.execute("DELETE FROM claims WHERE expires <= ?1 AND attempt_expires <= ?1", (now,))
         # An expired claim whose attempt lives on is gone as a claim: its holder can no longer withdraw.
         db.execute("UPDATE claims SET holder = NULL WHERE expires <= ? AND holder IS NOT NULL", (now,))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
 
 
 def _read(db: sqlite3.Connection, keys: Sequence[str], resources: str, now: float) -> StateView:
@@ -381,6 +355,11 @@ def _claims_of(db: sqlite3.Connection, resources: str, now: float) -> dict[str, 
         (now, resources),
     )
     return {resource: (owner, attempt) for resource, owner, attempt in rows}
+
+
+def _held_by_others(claims: Mapping[str, tuple[str | None, int]], holder: str) -> frozenset[str]:
+    """The resources of ``_claims_of``'s answer that a live holder other than ``holder`` claims."""
+    return frozenset(r for r, (owner, _) in claims.items() if owner is not None and owner != holder)
 
 
 def _hold(db: sqlite3.Connection, holder: str, resources: str, expires: float) -> None:
