@@ -123,3 +123,23 @@ async def test_a_failed_state_write_reports_its_own_error_not_cannot_rollback(tm
         assert (await store.lookup(["after"], [])).delivered_keys == {"after"}
     finally:
         await store.close()
+
+
+async def test_a_failed_claim_reports_its_own_error_and_leaves_nothing_claimed(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = SqliteStateStore(tmp_path / "state.db")
+    await store.open()
+    try:
+        pages = await store._run(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await store._run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
+        ranks = {f"product:{i}-{'x' * 200}": 4 for i in range(2000)}
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            await store.claim("replica-a", ranks, [], 30.0, 300.0)
+        assert "full" in str(caught.value) and "rollback" not in str(caught.value)
+        await store._run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+        # Rolled back whole: another holder finds none of them claimed.
+        claim = await store.claim("replica-b", ranks, [], 30.0, 300.0)
+        assert claim.refused == frozenset()
+    finally:
+        await store.close()
