@@ -355,6 +355,16 @@ def command(
     return [sys.executable, "-m", "consumer.cli", "run"], env
 
 
+def start(argv: list[str], env: dict[str, str], tmp: Path, name: str) -> subprocess.Popen[bytes]:
+    """Start one contender process in ``tmp``; its stderr goes to ``tmp/<name>.err`` (``stderr_tail``)."""
+    with open(os.devnull, "wb") as devnull, (tmp / f"{name}.err").open("wb") as errors:
+        return subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+
+
+def stderr_tail(tmp: Path, name: str) -> str:
+    return (tmp / f"{name}.err").read_text()[-2000:]
+
+
 def run_once(
     contender: str, counter: FetchCounter, topic: str, count: int, hook: Hook, tmp: Path
 ) -> tuple[float, float, float, float]:
@@ -363,16 +373,13 @@ def run_once(
     hook.reset()
     fetches_before = counter.fetches
     argv, env = command(contender, counter.address, topic, f"{contender}-{uuid.uuid4().hex[:6]}", hook, tmp)
-    with open(os.devnull, "wb") as devnull, (tmp / f"{contender}.err").open("wb") as errors:
-        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    proc = start(argv, env, tmp, contender)
     hook.watch(proc.pid, count)
     try:
         deadline = time.monotonic() + 900
         while hook.last is None:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{contender} exited {proc.returncode}: {(tmp / f'{contender}.err').read_text()[-2000:]}"
-                )
+                raise RuntimeError(f"{contender} exited {proc.returncode}: {stderr_tail(tmp, contender)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{contender}: {hook.accepted} of {count} notifications")
             time.sleep(0.02)
@@ -397,13 +404,12 @@ def idle_share(
     hook.reset()
     argv, env = command(contender, counter.address, topic, f"idle-{uuid.uuid4().hex[:6]}", hook, tmp)
     env.update(IPAAS_THROTTLE_LIMIT="1", IPAAS_THROTTLE_SECONDS="3600")
-    with open(os.devnull, "wb") as devnull, (tmp / "idle.err").open("wb") as errors:
-        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    proc = start(argv, env, tmp, "idle")
     try:
         deadline = time.monotonic() + 120
         while not hook.accepted:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ctsync sent nothing: {(tmp / 'idle.err').read_text()[-2000:]}")
+                raise RuntimeError(f"ctsync sent nothing: {stderr_tail(tmp, 'idle')}")
             time.sleep(0.05)
         # The first request left with the first batch; the intake then fills up to the bound and stops.
         time.sleep(5)
@@ -424,18 +430,17 @@ def budget_once(
     argv, env = command(contender, counter.address, topic, f"budget-{uuid.uuid4().hex[:6]}", hook, tmp)
     env.pop("IPAAS_THROTTLE_LIMIT")
     env.pop("IPAAS_THROTTLE_SECONDS")
-    with open(os.devnull, "wb") as devnull, (tmp / "budget.err").open("wb") as errors:
-        proc = subprocess.Popen(argv, env=env, stdout=devnull, stderr=errors, cwd=tmp)
+    proc = start(argv, env, tmp, "budget")
     hook.watch(proc.pid)
     try:
         deadline = time.monotonic() + 120
         while (first := hook.first) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{contender} sent nothing: {(tmp / 'budget.err').read_text()[-2000:]}")
+                raise RuntimeError(f"{contender} sent nothing: {stderr_tail(tmp, 'budget')}")
             time.sleep(0.02)
         time.sleep(max(0.0, first.at + seconds - time.monotonic()))
         if proc.poll() is not None:
-            raise RuntimeError(f"{contender} exited: {(tmp / 'budget.err').read_text()[-2000:]}")
+            raise RuntimeError(f"{contender} exited: {stderr_tail(tmp, 'budget')}")
         last = hook.mark()
     finally:
         hook.watch(None)
